@@ -1,0 +1,27 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: install install-test demo test bench bench-dry clean
+
+install:
+	$(PIP) install -q -e .
+
+install-test:
+	$(PIP) install -q -e ".[test]"
+
+# Installs, then runs the whole pipeline on the shipped addition task.
+demo: install
+	$(PYTHON) -m jrlhf.demo
+
+# Installs, then runs the whole test suite.
+test: install-test
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
+
+bench: install-test
+	$(PYTHON) -m benchmarks.run
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache runs
