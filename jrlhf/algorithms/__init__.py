@@ -1,0 +1,31 @@
+"""Algorithms: one short module each, with a ``Config`` dataclass and a ``setup`` that returns its parts.
+
+Offline: ``sft``, ``reward``, ``dpo`` (SimPO, ORPO and every DPO loss type through ``algo.loss_type``).
+On-policy: ``grpo``, ``ppo``, ``rloo``, ``reinforce_pp``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+ALGORITHMS = {
+    "sft": "jrlhf.algorithms.sft",
+    "reward": "jrlhf.algorithms.reward",
+    "dpo": "jrlhf.algorithms.dpo",
+    "grpo": "jrlhf.algorithms.grpo",
+    "ppo": "jrlhf.algorithms.ppo",
+    "rloo": "jrlhf.algorithms.rloo",
+    "reinforce_pp": "jrlhf.algorithms.reinforce_pp",
+}
+
+
+def get_algorithm(name: str):
+    """The algorithm module called ``name``; an unknown name is an error naming the nearest valid one."""
+    if name not in ALGORITHMS:
+        from jrlhf.config import ConfigError
+
+        near = difflib.get_close_matches(name, ALGORITHMS, n=1, cutoff=0.0)
+        raise ConfigError(f"unknown algorithm '{name}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+                          + f"; choose one of {', '.join(ALGORITHMS)}")
+    return importlib.import_module(ALGORITHMS[name])

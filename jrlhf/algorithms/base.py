@@ -1,0 +1,176 @@
+"""What an algorithm hands to the training loop, and the forward-pass helpers the algorithms share."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jrlhf import losses
+from jrlhf.models import model_token_logprobs, sequence_scores
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What :func:`setup` of an algorithm receives from the loop.
+
+    Attributes:
+      cfg: the :class:`jrlhf.config.RunConfig`.
+      model: the trained module (its head chosen by the algorithm's ``head(cfg)``).
+      params: its initial parameters (host or device arrays; the loop places them on the mesh).
+      tokenizer: the Hugging Face tokenizer.
+      mesh: the device mesh.
+      rng: a PRNG key for the algorithm's own initialisation.
+      load_model: ``load_model(path, head) -> (model, params)`` for extra models (reward model, critic).
+    """
+
+    cfg: Any
+    model: Any
+    params: Any
+    tokenizer: Any
+    mesh: Any
+    rng: Any
+    load_model: Callable
+
+
+@dataclasses.dataclass
+class OnPolicy:
+    """The on-policy part: how one iteration collects a rollout batch.
+
+    ``collect(state, prompt_batch, frozen, rng) -> (rollout_batch dict of arrays, host metrics dict, samples)``
+    runs generation and rewards; the loop then runs the compiled update
+    (``num_epochs`` x ``num_minibatches``) on the rollout batch.
+    """
+
+    collect: Callable
+    num_epochs: int = 1
+    num_minibatches: int = 1
+
+
+@dataclasses.dataclass
+class AlgorithmSetup:
+    """The parts of one algorithm, consumed by :func:`jrlhf.train_loop.train`.
+
+    Attributes:
+      loss_fn: ``loss_fn(params, batch, frozen, ctx) -> (loss, metrics)`` (see :mod:`jrlhf.step`).
+      frozen: pytree of what is not trained (reference params, reward model), or ``None``.
+      frozen_specs: logical ``PartitionSpec`` pytree of ``frozen`` (``None``: replicated).
+      prepare_batch: batch-global preparation (see :func:`jrlhf.step.make_train_step`).
+      update_algo_state: in-graph algorithm-state update after each step.
+      algo_state: initial algorithm state pytree (``{}`` for none).
+      trainable: trainable-subset mask for :func:`jrlhf.step.make_optimizer`.
+      evaluate: ``evaluate(params, frozen) -> dict`` of held-out metrics (host floats), or ``None``.
+      after_step: ``after_step(step, state, frozen) -> frozen`` run by the loop after each step (TR-DPO's
+        reference sync), or ``None``. A frozen that changes is checkpointed with the state.
+      onpolicy: the :class:`OnPolicy` part for on-policy algorithms, else ``None``.
+      train_data: tokenised training data (:class:`jrlhf.data.TokenizedData`).
+      collate: optional replacement collate function for the training batches.
+    """
+
+    loss_fn: Callable
+    train_data: Any
+    frozen: Any = None
+    frozen_specs: Any = None
+    prepare_batch: Callable | None = None
+    update_algo_state: Callable | None = None
+    algo_state: Any = dataclasses.field(default_factory=dict)
+    trainable: Any = None
+    evaluate: Callable | None = None
+    after_step: Callable | None = None
+    onpolicy: OnPolicy | None = None
+    collate: Callable | None = None
+
+
+def completion_logps(model, params, input_ids, attention_mask, loss_mask, *, chunk_size=None, positions=None,
+                     segment_ids=None):
+    """Summed and per-token log-probs of the target tokens of a right- or left-padded batch.
+
+    Args:
+      model, params: an LM-head model and its params.
+      input_ids, attention_mask, loss_mask: ``[B, T]`` int (``loss_mask`` marks target tokens).
+      chunk_size: vocabulary chunk for the log-softmax (``None``: full logits).
+
+    Returns:
+      ``(summed [B] f32, token_logps [B, T-1] f32, target_mask [B, T-1] bool)``; with an ``lm+value`` model also
+      ``values [B, T]`` as a fourth element.
+    """
+    out = model_token_logprobs(model, params, input_ids, attention_mask, positions=positions,
+                               segment_ids=segment_ids, chunk_size=chunk_size)
+    token_logps, values = (out if isinstance(out, tuple) else (out, None))
+    mask = loss_mask[:, 1:] > 0
+    summed = losses.masked_sum(token_logps, mask, axis=-1)
+    if values is None:
+        return summed, token_logps, mask
+    return summed, token_logps, mask, values
+
+
+def concat_pairs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stacks the chosen rows over the rejected rows: ``[2B, T]`` ids, attention mask and loss mask."""
+    cat = lambda key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
+    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+
+
+def pair_scores(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Reward-model scores of a preference batch in one concatenated forward: ``(chosen [B], rejected [B])``."""
+    ids, attn, _ = concat_pairs(batch)
+    scores = sequence_scores(model.apply(params, ids, attn), attn)
+    half = ids.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def preference_globals(batch: dict, frozen, algo_state) -> tuple[dict, dict]:
+    """``prepare_batch`` for preference data: the global pair count and chosen-token count."""
+    chosen_tokens = jnp.sum(batch["chosen_loss_mask"][:, 1:].astype(jnp.float32))
+    return batch, {"num_sequences": jnp.float32(batch["chosen_input_ids"].shape[0]),
+                   "num_chosen_tokens": chosen_tokens}
+
+
+# ------------------------------------------------------------------------------------------ host-side glue
+
+
+def length_limits(data_cfg) -> dict:
+    """The tokenisation limits of a :class:`jrlhf.config.DataSection`."""
+    return dict(max_length=data_cfg.max_length, max_prompt_length=data_cfg.max_prompt_length,
+                max_completion_length=data_cfg.max_completion_length, truncation_mode=data_cfg.truncation_mode)
+
+
+def tokenize_train(run: RunContext, kind: str, source: str | None = None):
+    """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt``; prints the report."""
+    from jrlhf.data import load_records, tokenize
+
+    records = load_records(source or run.cfg.data.train)
+    limits = length_limits(run.cfg.data)
+    if kind == "prompt":
+        limits = {"max_prompt_length": limits["max_prompt_length"], "truncation_mode": limits["truncation_mode"]}
+    data = tokenize(records, run.tokenizer, kind, **limits)
+    if jax.process_index() == 0:
+        print(f"[data] {data.report.summary()}", flush=True)
+    return data
+
+
+def load_eval_records(source: str | None, limit: int | None = None):
+    """Held-out records from ``source`` (``None`` -> ``None``)."""
+    if not source:
+        return None
+    from jrlhf.data import load_records
+
+    return load_records(source, limit=limit)
+
+
+def generation_eval(run: RunContext, records, model=None):
+    """An ``evaluate(params, frozen)`` that scores greedy completions of ``records`` with ``data.eval_reward``."""
+    from jrlhf.evaluation import reward_accuracy
+    from jrlhf.rewards import get_reward_fn
+
+    cfg = run.cfg
+    reward_fn = get_reward_fn(cfg.data.eval_reward)
+    model = model or run.model
+
+    def evaluate(params, frozen):
+        return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
+                               max_new_tokens=cfg.data.eval_max_new_tokens, batch_size=cfg.data.eval_batch_size,
+                               max_prompt_length=cfg.data.max_prompt_length)
+
+    return evaluate

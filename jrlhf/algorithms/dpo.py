@@ -1,0 +1,301 @@
+"""DPO and its relatives: every loss type of :func:`jrlhf.losses.dpo_loss`, plus SimPO and ORPO.
+
+Chosen and rejected go through one concatenated forward. The reference log-probs come from the reference params in
+``frozen`` per batch, or are precomputed once for the dataset (``precompute_ref_log_probs``). Options: reference-free
+DPO, TR-DPO reference sync (every ``ref_model_sync_steps`` steps the reference becomes
+``α·policy + (1-α)·reference``), an NLL term on the chosen completions (RPO, ``rpo_alpha``), LD-DPO (``ld_alpha``),
+and BCO's running-mean baseline (``bco_running_mean``, TRL <= 0.28).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrlhf import losses
+from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, generation_eval,
+                                   load_eval_records, preference_globals, tokenize_train)
+from jrlhf.config import ConfigError
+from jrlhf.models import logical_axes
+
+DATA_KIND = "preference"
+REFERENCE_FREE_TYPES = ("simpo", "orpo")
+WHOLE_BATCH_TYPES = ("aot", "aot_unpaired", "aot_pair")
+
+
+@dataclasses.dataclass
+class Config:
+    """DPO settings; names and defaults follow TRL 1.16's ``DPOConfig`` (``simpo_gamma`` follows ``CPOConfig``).
+
+    Attributes:
+      beta: β (τ for IPO; λ for ORPO).
+      loss_type: a :data:`jrlhf.losses.DPO_LOSS_TYPES` name, ``"simpo"``, ``"orpo"``, or a list of DPO types
+        combined with ``loss_weights`` (MPO).
+      loss_weights: one weight per loss type.
+      label_smoothing: cDPO / rDPO / EXO ε (0 = TRL 1.16's plain sigmoid).
+      reference_free: use no reference (log-ratios are the policy log-probs).
+      f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in TRL.
+      simpo_gamma: SimPO's target margin γ.
+      rpo_alpha: weight of an NLL term on the chosen completions (RPO; CPO-SimPO); ``None`` = off.
+      ld_alpha: LD-DPO weight of the tokens past the shared length (``None`` = off).
+      bco_running_mean: for ``bco_pair``, use the running mean of the batch-mean rewards as δ (TRL <= 0.28).
+      precompute_ref_log_probs: compute the reference log-probs once for the dataset before training.
+      sync_ref_model: TR-DPO reference sync; ``ref_model_mixup_alpha`` α, every ``ref_model_sync_steps`` steps.
+      logprob_chunk_size: vocabulary chunk for the log-softmax (``None``: full logits).
+    """
+
+    beta: float = 0.1
+    loss_type: str | list = "sigmoid"
+    loss_weights: list | None = None
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    rpo_alpha: float | None = None
+    ld_alpha: float | None = None
+    bco_running_mean: bool = False
+    precompute_ref_log_probs: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    logprob_chunk_size: int | None = None
+
+
+def head(cfg) -> str:
+    """The trained model's head."""
+    return "lm"
+
+
+def uses_reference(algo: Config) -> bool:
+    """Whether the loss reads reference log-probs."""
+    return not (algo.reference_free or algo.loss_type in REFERENCE_FREE_TYPES)
+
+
+def check_config(algo: Config, num_microbatches: int = 1) -> None:
+    """Rejects settings that cannot work together, naming the keys."""
+    types = algo.loss_type if isinstance(algo.loss_type, (list, tuple)) else [algo.loss_type]
+    valid = tuple(losses.DPO_LOSS_TYPES) + REFERENCE_FREE_TYPES
+    for t in types:
+        if t not in valid:
+            raise ConfigError(f"algo.loss_type '{t}' is not one of {', '.join(valid)}")
+    if len(types) > 1 and any(t in REFERENCE_FREE_TYPES for t in types):
+        raise ConfigError("algo.loss_type: simpo and orpo cannot be combined with other loss types")
+    if num_microbatches > 1 and any(t in WHOLE_BATCH_TYPES for t in types):
+        raise ConfigError(f"algo.loss_type '{algo.loss_type}' sorts over the whole batch; set "
+                          "train.num_microbatches=1 (micro-batches would sort each part apart)")
+    if algo.sync_ref_model and (algo.precompute_ref_log_probs or not uses_reference(algo)):
+        raise ConfigError("algo.sync_ref_model needs reference params: turn off precompute_ref_log_probs "
+                          "and reference_free")
+
+
+def _policy_logps(model, params, batch, algo: Config):
+    ids, attn, lmask = concat_pairs(batch)
+    summed, token_logps, mask = completion_logps(model, params, ids, attn, lmask,
+                                                 chunk_size=algo.logprob_chunk_size)
+    if algo.ld_alpha is not None:
+        lengths = jnp.sum(mask, axis=-1)
+        half = ids.shape[0] // 2
+        shared = jnp.minimum(lengths[:half], lengths[half:])
+        summed = losses.ld_dpo_logps(token_logps, mask, jnp.concatenate([shared, shared]), ld_alpha=algo.ld_alpha)
+    return summed, token_logps, mask
+
+
+def reference_logps(model, ref_params, batch, algo: Config):
+    """Reference log-probs of a preference batch: ``(chosen [B], rejected [B])`` float32, gradient stopped."""
+    summed, _, _ = _policy_logps(model, ref_params, batch, algo)
+    summed = jax.lax.stop_gradient(summed)
+    half = summed.shape[0] // 2
+    return summed[:half], summed[half:]
+
+
+def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0):
+    """The per-example loss pieces of one preference batch.
+
+    Returns:
+      dict with ``losses [B]``, ``chosen_rewards [B]``, ``rejected_rewards [B]``, ``chosen_logps [B]``,
+      ``rejected_logps [B]``, ``chosen_token_logps [B, T-1]``, ``chosen_mask [B, T-1]`` (+ ORPO extras).
+    """
+    summed, token_logps, mask = _policy_logps(model, params, batch, algo)
+    half = summed.shape[0] // 2
+    chosen, rejected = summed[:half], summed[half:]
+    lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    chosen_len, rejected_len = lengths[:half], lengths[half:]
+    out = {"chosen_logps": chosen, "rejected_logps": rejected, "chosen_token_logps": token_logps[:half],
+           "chosen_mask": mask[:half]}
+    if algo.loss_type == "simpo":
+        per, cr, rr = losses.simpo_loss(chosen, rejected, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                                        beta=algo.beta, gamma=algo.simpo_gamma, label_smoothing=algo.label_smoothing)
+    elif algo.loss_type == "orpo":
+        per, cr, rr, ratio, log_odds = losses.orpo_loss(chosen, rejected, chosen_lengths=chosen_len,
+                                                        rejected_lengths=rejected_len, beta=algo.beta)
+        out.update(log_odds_ratio=ratio, log_odds_chosen=log_odds)
+    else:
+        if "ref_chosen_logps" in batch:
+            ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif uses_reference(algo):
+            ref_c, ref_r = reference_logps(model, frozen["ref_params"], batch, algo)
+        else:
+            ref_c = ref_r = None
+        types = algo.loss_type if isinstance(algo.loss_type, str) else tuple(algo.loss_type)
+        per, cr, rr = losses.dpo_loss(
+            chosen, rejected, ref_c, ref_r, beta=algo.beta, loss_type=types,
+            loss_weights=None if algo.loss_weights is None else tuple(algo.loss_weights),
+            label_smoothing=algo.label_smoothing, reference_free=algo.reference_free,
+            chosen_lengths=chosen_len, rejected_lengths=rejected_len, discopop_tau=algo.discopop_tau,
+            f_divergence_type=algo.f_divergence_type, f_alpha_divergence_coef=algo.f_alpha_divergence_coef,
+            bco_delta=bco_delta)
+    out.update(losses=per, chosen_rewards=cr, rejected_rewards=rr)
+    return out
+
+
+def make_loss_fn(model, algo: Config):
+    """``loss_fn(params, batch, frozen, ctx)``: the mean per-example loss over the global pair count (plus the NLL
+    term over the global chosen-token count); metrics named as TRL 1.16 logs them."""
+
+    def loss_fn(params, batch, frozen, ctx):
+        delta = ctx.algo_state["bco_mean"] if algo.bco_running_mean else 0.0
+        t = dpo_terms(model, params, batch, frozen, algo, bco_delta=delta)
+        loss = jnp.sum(t["losses"]) / ctx.globals["num_sequences"]
+        cr, rr = t["chosen_rewards"], t["rejected_rewards"]
+        metrics = {
+            "rewards/chosen": jnp.mean(cr),
+            "rewards/rejected": jnp.mean(rr),
+            "rewards/accuracies": jnp.mean((cr > rr).astype(jnp.float32)),
+            "rewards/margins": jnp.mean(cr - rr),
+            "logps/chosen": jnp.mean(t["chosen_logps"]),
+            "logps/rejected": jnp.mean(t["rejected_logps"]),
+        }
+        nll_weight = 1.0 if algo.loss_type == "orpo" else algo.rpo_alpha
+        if nll_weight:
+            nll, _ = losses.sft_loss(t["chosen_token_logps"], t["chosen_mask"],
+                                     normalizer=ctx.globals["num_chosen_tokens"])
+            loss = loss + nll_weight * nll
+            metrics["nll_loss"] = nll
+        if algo.loss_type == "orpo":
+            metrics["log_odds_ratio"] = jnp.mean(t["log_odds_ratio"])
+            metrics["log_odds_chosen"] = jnp.mean(t["log_odds_chosen"])
+        if algo.bco_running_mean:
+            metrics["bco_batch_mean"] = jnp.mean(jnp.concatenate([cr, rr]))
+        return loss, metrics
+
+    return loss_fn
+
+
+def update_bco_mean(algo_state, metrics):
+    """In-graph running mean of the batch-mean rewards (BCO's δ), once per step."""
+    mean, count = losses.bco_running_mean_update(algo_state["bco_mean"], algo_state["bco_count"],
+                                                 metrics["bco_batch_mean"][None], metrics["bco_batch_mean"][None])
+    return {"bco_mean": mean, "bco_count": count}
+
+
+def _precompute(model, ref_params, examples, tokenizer, algo: Config, batch_size: int):
+    """Attaches ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) to every tokenised example, in place."""
+    from jrlhf.data import BatchIterator, collate_preference
+
+    length = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
+    collate = functools.partial(collate_preference, pad_id=tokenizer.pad_token_id, length=length)
+    it = BatchIterator(examples, batch_size, collate, shuffle=False, drop_remainder=False, num_epochs=1,
+                       process_index=0, process_count=1)
+    fn = jax.jit(lambda p, b: reference_logps(model, p, b, algo))
+    pos = 0
+    for batch in it:
+        real = int(np.asarray(batch.pop("example_mask")).sum())
+        c, r = fn(ref_params, {k: jnp.asarray(v) for k, v in batch.items()})
+        c, r = np.asarray(c), np.asarray(r)
+        for i in range(real):
+            examples[pos + i]["ref_chosen_logps"] = np.float32(c[i])
+            examples[pos + i]["ref_rejected_logps"] = np.float32(r[i])
+        pos += real
+
+
+def collate_with_reference(examples, collate):
+    """A preference collate that also stacks precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]``."""
+    batch = collate(examples)
+    batch["ref_chosen_logps"] = np.asarray([e["ref_chosen_logps"] for e in examples], np.float32)
+    batch["ref_rejected_logps"] = np.asarray([e["ref_rejected_logps"] for e in examples], np.float32)
+    return batch
+
+
+def setup(run) -> AlgorithmSetup:
+    """Builds the DPO parts: reference params in ``frozen`` (a copy of the initial policy), evaluation of held-out
+    preference accuracy (implicit reward of chosen > rejected, as TRL counts it) and exact match."""
+    from jrlhf.evaluation import preference_scores
+
+    cfg, algo, model = run.cfg, run.cfg.algo, run.model
+    check_config(algo, cfg.train.num_microbatches)
+    train_data = tokenize_train(run, DATA_KIND)
+    ref_params = run.params if uses_reference(algo) else None
+    frozen, collate = None, None
+    if ref_params is not None and algo.precompute_ref_log_probs:
+        _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size)
+        from jrlhf.data import collate_preference, length_buckets
+
+        base = functools.partial(collate_preference, pad_id=run.tokenizer.pad_token_id,
+                                 buckets=length_buckets(cfg.data.max_length, cfg.data.buckets or None))
+        collate = functools.partial(collate_with_reference, collate=base)
+    elif ref_params is not None:
+        frozen = {"ref_params": ref_params}
+
+    pref_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples)
+    gen_eval = generation_eval(run, load_eval_records(cfg.data.eval_prompts)) if cfg.data.eval_prompts else None
+    eval_ref = ref_params
+    score = jax.jit(lambda p, ref, b: _implicit_rewards(model, p, ref, b, algo))
+
+    def evaluate(params, frozen_now):
+        out = {}
+        if pref_records:
+            ref = frozen_now["ref_params"] if frozen_now and "ref_params" in frozen_now else eval_ref
+            c, r = preference_scores(lambda b: score(params, ref, b), run.tokenizer, pref_records,
+                                     batch_size=cfg.data.eval_batch_size, max_length=cfg.data.max_length)
+            out["rewards/accuracies"] = float((c > r).mean())
+            out["rewards/margins"] = float((c - r).mean())
+        if gen_eval is not None:
+            out.update(gen_eval(params, frozen_now))
+        return out
+
+    algo_state = {}
+    if algo.bco_running_mean:
+        algo_state = {"bco_mean": np.float32(0.0), "bco_count": np.float32(0.0)}
+    return AlgorithmSetup(
+        loss_fn=make_loss_fn(model, algo),
+        train_data=train_data,
+        frozen=frozen,
+        frozen_specs={"ref_params": logical_axes(model)} if frozen else None,
+        prepare_batch=preference_globals,
+        update_algo_state=update_bco_mean if algo.bco_running_mean else None,
+        algo_state=algo_state,
+        evaluate=evaluate if (pref_records or gen_eval) else None,
+        after_step=make_reference_sync(algo) if algo.sync_ref_model else None,
+        collate=collate,
+    )
+
+
+def _implicit_rewards(model, params, ref_params, batch, algo: Config):
+    """Held-out implicit rewards ``(β·(π_c - ref_c), β·(π_r - ref_r))`` (policy log-probs alone when reference-free)."""
+    summed, _, _ = _policy_logps(model, params, batch, algo)
+    half = summed.shape[0] // 2
+    chosen, rejected = summed[:half], summed[half:]
+    if ref_params is not None:
+        ref_c, ref_r = reference_logps(model, ref_params, batch, algo)
+        chosen, rejected = chosen - ref_c, rejected - ref_r
+    return algo.beta * chosen, algo.beta * rejected
+
+
+def make_reference_sync(algo: Config):
+    """TR-DPO: ``after_step`` mixing the reference toward the policy every ``ref_model_sync_steps`` steps."""
+    alpha = float(algo.ref_model_mixup_alpha)
+    mix = jax.jit(lambda policy, ref: jax.tree.map(lambda p, r: (alpha * p + (1 - alpha) * r).astype(r.dtype),
+                                                   policy, ref), donate_argnums=1)
+
+    def after_step(step: int, state, frozen):
+        if step % algo.ref_model_sync_steps:
+            return frozen
+        return {**frozen, "ref_params": mix(state.params, frozen["ref_params"])}
+
+    return after_step

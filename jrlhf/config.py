@@ -1,0 +1,285 @@
+"""Typed run configuration: nested dataclasses, YAML files and ``key=value`` overrides.
+
+A run is described by :class:`RunConfig`; its ``algo`` section is the dataclass of the chosen algorithm
+(``jrlhf.algorithms.<name>.Config``). Unknown keys are errors that name the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+from jrlhf.errors import JrlhfError
+
+
+class ConfigError(JrlhfError, ValueError):
+    """A configuration value or key is invalid; the message names it and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """Which model to train.
+
+    ``path`` is a local Hugging Face directory (config.json + safetensors), or ``None`` to build a fresh random
+    model from ``family`` and ``overrides`` (:class:`jrlhf.models.ModelConfig` fields over
+    :func:`jrlhf.models.tiny_config`; ``vocab_size`` defaults to the tokenizer's). ``remat`` is "none", "full",
+    "dots" or "dots_no_batch" (per-layer rematerialisation).
+    """
+
+    path: str | None = None
+    family: str = "llama"
+    overrides: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+
+
+@dataclass
+class DataSection:
+    """Training/eval data and tokenisation."""
+
+    train: str = "builtin:addition/sft_train.jsonl"
+    eval: str | None = None
+    eval_prompts: str | None = None
+    eval_reward: str = "addition_exact_match"
+    eval_max_new_tokens: int = 8
+    tokenizer: str = "char"
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 64
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_end"
+    buckets: tuple = ()
+    packing: bool = False
+    shuffle: bool = True
+    max_eval_examples: int | None = None
+
+
+@dataclass
+class OptimSection:
+    """Optimizer; see :class:`jrlhf.step.OptimizerConfig`."""
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class MeshSection:
+    """Device mesh sizes; ``-1`` takes the rest of the devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class TrainSection:
+    """Loop settings: length, seeds, logging, evaluation and checkpoint cadence."""
+
+    output_dir: str = "runs/default"
+    steps: int = 100
+    seed: int = 0
+    num_microbatches: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = True
+    export_hf: bool = True
+    init_from: str | None = None
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``algo`` holds the algorithm's own dataclass."""
+
+    algorithm: str = "sft"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    algo: Any = None
+
+
+def _nearest(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value, annotation, where: str):
+    """Coerces a YAML value to a dataclass field's annotated type, with a clear error."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - annotations of our own dataclasses
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any or value is None:
+        if value is None and annotation is not Any and type(None) not in args:
+            raise ConfigError(f"config key '{where}' may not be null")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"bad value for '{where}'")
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, prefix=where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    if annotation is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        return (value,)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Builds dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError` naming the key."""
+    data = {} if data is None else data
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or cls.__name__}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}'{_nearest(key, fields)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The plain-dict (YAML-serialisable) form of a config dataclass."""
+
+    def convert(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [convert(v) for v in x]
+        if isinstance(x, dict):
+            return {k: convert(v) for k, v in x.items()}
+        return x
+
+    return convert(cfg)
+
+
+def _set_nested(d: dict, dotted: str, value):
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        nxt = d.get(k)
+        if nxt is None:
+            nxt = d[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{k}' is not a section")
+        d = nxt
+    d[keys[-1]] = value
+
+
+def parse_overrides(overrides) -> dict:
+    """Parses ``["a.b=1", "c=x"]`` into a nested dict; values are read as YAML scalars."""
+    out: dict = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=200)")
+        key, raw = item.split("=", 1)
+        _set_nested(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Recursively merges ``extra`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def builtin_config_path(name: str) -> str:
+    """Path of a YAML file shipped in ``jrlhf/configs`` (``name`` with or without ``.yaml``)."""
+    fname = name if name.endswith(".yaml") else name + ".yaml"
+    return str(resources.files("jrlhf") / "configs" / fname)
+
+
+def load_yaml(path: str) -> dict:
+    """Reads a YAML config; ``builtin:NAME`` reads a shipped one. Missing files name the path."""
+    if path.startswith("builtin:"):
+        path = builtin_config_path(path[len("builtin:"):])
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist (shipped configs: builtin:NAME, see jrlhf/configs/)")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def build_config(data: dict, algorithm: str | None = None) -> RunConfig:
+    """Builds a :class:`RunConfig` (with the algorithm's own ``algo`` dataclass) from a nested dict."""
+    from jrlhf.algorithms import get_algorithm
+
+    data = dict(data)
+    name = algorithm or data.get("algorithm", "sft")
+    if algorithm and data.get("algorithm") not in (None, algorithm):
+        raise ConfigError(f"config says algorithm '{data['algorithm']}' but '{algorithm}' was asked for")
+    data["algorithm"] = name
+    algo_mod = get_algorithm(name)
+    algo_data = data.pop("algo", None)
+    cfg = from_dict(RunConfig, data)
+    cfg.algo = from_dict(algo_mod.Config, algo_data, prefix="algo")
+    return cfg
+
+
+def load_config(path: str | None = None, overrides=(), algorithm: str | None = None) -> RunConfig:
+    """Loads a YAML file (or ``builtin:NAME``), applies ``key=value`` overrides, and validates every key."""
+    data = load_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    return build_config(data, algorithm)
