@@ -50,11 +50,12 @@ class MetricsWriter:
             return
         scalars = to_python_scalars(metrics)
         record = {"step": int(step), "time": time.time(), "split": split}
-        record.update({k: (v if math.isfinite(v) else None) for k, v in scalars.items()})
+        record.update({k: (v if math.isfinite(v) else None) for k, v in scalars.items()
+                       if k not in ("step", "time", "split")})
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
-                if math.isfinite(v):
+                if math.isfinite(v) and k not in ("step", "time", "split"):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
         if self.stdout:
             body = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
