@@ -243,7 +243,8 @@ def setup(run) -> AlgorithmSetup:
         frozen = {"ref_params": ref_params}
 
     pref_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples)
-    gen_eval = generation_eval(run, load_eval_records(cfg.data.eval_prompts)) if cfg.data.eval_prompts else None
+    gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
+    gen_eval = generation_eval(run, gen_records) if gen_records else None
     eval_ref = ref_params
     score = jax.jit(lambda p, ref, b: _implicit_rewards(model, p, ref, b, algo))
 
