@@ -72,10 +72,13 @@ def build_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = No
     return init_model(config, rng, head=head)
 
 
-def _optimizer_config(cfg: RunConfig) -> OptimizerConfig:
+def _optimizer_config(cfg: RunConfig, updates_per_step: int = 1) -> OptimizerConfig:
+    """The optimizer settings; ``updates_per_step`` optimizer updates per loop step (an on-policy update's epochs x
+    mini-batches) scale the schedule's ``warmup_steps`` and ``total_steps``, which the config counts in loop steps."""
     o = cfg.optim
     return OptimizerConfig(name=o.name, learning_rate=o.learning_rate, schedule=o.schedule,
-                           warmup_steps=o.warmup_steps, total_steps=max(cfg.train.steps, 1),
+                           warmup_steps=o.warmup_steps * updates_per_step,
+                           total_steps=max(cfg.train.steps, 1) * updates_per_step,
                            weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
 
 
@@ -157,8 +160,13 @@ def train(config) -> dict:
     run = RunContext(cfg=cfg, model=model, params=params, tokenizer=tokenizer, mesh=mesh, rng=algo_rng,
                      load_model=load_extra)
     setup = algo_mod.setup(run)
-    optimizer = make_optimizer(_optimizer_config(cfg), params, trainable=setup.trainable)
-    state, state_sh = init_train_state(params, optimizer, state_rng, mesh=mesh, param_specs=logical_axes(model),
+    param_specs = logical_axes(model)
+    if setup.params is not None:  # e.g. PPO's policy + separate critic
+        params, param_specs = setup.params, setup.param_specs
+    updates_per_step = setup.onpolicy.num_epochs * setup.onpolicy.num_minibatches if setup.onpolicy else 1
+    optim_cfg = _optimizer_config(cfg, updates_per_step)
+    optimizer = make_optimizer(optim_cfg, params, trainable=setup.trainable, param_specs=param_specs)
+    state, state_sh = init_train_state(params, optimizer, state_rng, mesh=mesh, param_specs=param_specs,
                                        algo_state=setup.algo_state)
     frozen, frozen_sh = None, None
     if setup.frozen is not None:
@@ -172,7 +180,7 @@ def train(config) -> dict:
 
     common = dict(state_shardings=state_sh, frozen_shardings=frozen_sh, num_microbatches=t.num_microbatches,
                   prepare_batch=setup.prepare_batch, update_algo_state=setup.update_algo_state,
-                  trainable=setup.trainable, learning_rate_fn=make_schedule(_optimizer_config(cfg)))
+                  trainable=setup.trainable, learning_rate_fn=make_schedule(optim_cfg))
     if setup.onpolicy is None:
         step_fn = make_train_step(setup.loss_fn, optimizer, mesh, **common)
     else:
@@ -295,7 +303,7 @@ def train(config) -> dict:
         ckpt.wait()
         if t.export_hf:
             hf_dir = os.path.join(run_dir, "hf_model")
-            host = _host_params(state.params)
+            host = _host_params(state.params if setup.export_params is None else setup.export_params(state.params))
             if main:
                 save_pretrained(model, host, hf_dir)
                 tokenizer.save_pretrained(hf_dir)

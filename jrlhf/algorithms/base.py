@@ -67,6 +67,10 @@ class AlgorithmSetup:
       onpolicy: the :class:`OnPolicy` part for on-policy algorithms, else ``None``.
       train_data: tokenised training data (:class:`jrlhf.data.TokenizedData`).
       collate: optional replacement collate function for the training batches.
+      params: a replacement for the trained params pytree (PPO's ``{"policy": ..., "critic": ...}`` with a separate
+        critic), or ``None`` to train the model's own params.
+      param_specs: logical ``PartitionSpec`` pytree of ``params`` (required with ``params``).
+      export_params: ``params -> the model's params`` for the Hugging Face export (with ``params``).
     """
 
     loss_fn: Callable
@@ -81,6 +85,9 @@ class AlgorithmSetup:
     after_step: Callable | None = None
     onpolicy: OnPolicy | None = None
     collate: Callable | None = None
+    params: Any = None
+    param_specs: Any = None
+    export_params: Callable | None = None
 
 
 def completion_logps(model, params, input_ids, attention_mask, loss_mask, *, chunk_size=None, positions=None,
@@ -121,10 +128,12 @@ def pair_scores(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def preference_globals(batch: dict, frozen, algo_state) -> tuple[dict, dict]:
-    """``prepare_batch`` for preference data: the global pair count and chosen-token count."""
+    """``prepare_batch`` for preference data: the global pair count, chosen completion-token count and chosen
+    sequence-token count (every real token after the first: ORPO's NLL, as TRL takes it)."""
     chosen_tokens = jnp.sum(batch["chosen_loss_mask"][:, 1:].astype(jnp.float32))
+    chosen_seq_tokens = jnp.sum(batch["chosen_attention_mask"][:, 1:].astype(jnp.float32))
     return batch, {"num_sequences": jnp.float32(batch["chosen_input_ids"].shape[0]),
-                   "num_chosen_tokens": chosen_tokens}
+                   "num_chosen_tokens": chosen_tokens, "num_chosen_sequence_tokens": chosen_seq_tokens}
 
 
 # ------------------------------------------------------------------------------------------ host-side glue

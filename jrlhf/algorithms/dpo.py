@@ -40,7 +40,8 @@ class Config:
       reference_free: use no reference (log-ratios are the policy log-probs).
       f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in TRL.
       simpo_gamma: SimPO's target margin γ.
-      rpo_alpha: weight of an NLL term on the chosen completions (RPO; CPO-SimPO); ``None`` = off.
+      rpo_alpha: weight of an NLL term on the chosen completions (RPO; CPO-SimPO); ``None`` = off. ORPO always
+        adds its NLL term, over the whole chosen sequence (prompt included) as TRL's ``ORPOTrainer`` does.
       ld_alpha: LD-DPO weight of the tokens past the shared length (``None`` = off).
       bco_running_mean: for ``bco_pair``, use the running mean of the batch-mean rewards as δ (TRL <= 0.28).
       precompute_ref_log_probs: compute the reference log-probs once for the dataset before training.
@@ -127,7 +128,7 @@ def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0):
     lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
     chosen_len, rejected_len = lengths[:half], lengths[half:]
     out = {"chosen_logps": chosen, "rejected_logps": rejected, "chosen_token_logps": token_logps[:half],
-           "chosen_mask": mask[:half]}
+           "chosen_mask": mask[:half], "chosen_lengths": chosen_len, "rejected_lengths": rejected_len}
     if algo.loss_type == "simpo":
         per, cr, rr = losses.simpo_loss(chosen, rejected, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
                                         beta=algo.beta, gamma=algo.simpo_gamma, label_smoothing=algo.label_smoothing)
@@ -171,11 +172,19 @@ def make_loss_fn(model, algo: Config):
             "logps/chosen": jnp.mean(t["chosen_logps"]),
             "logps/rejected": jnp.mean(t["rejected_logps"]),
         }
-        nll_weight = 1.0 if algo.loss_type == "orpo" else algo.rpo_alpha
-        if nll_weight:
+        if algo.loss_type in REFERENCE_FREE_TYPES:  # TRL's CPO/ORPO trainers log per-token averages
+            metrics["logps/chosen"] = jnp.mean(t["chosen_logps"] / jnp.maximum(t["chosen_lengths"], 1.0))
+            metrics["logps/rejected"] = jnp.mean(t["rejected_logps"] / jnp.maximum(t["rejected_lengths"], 1.0))
+        if algo.loss_type == "orpo":  # NLL over the whole chosen sequence (prompt included), as TRL's ORPOTrainer
+            seq_mask = batch["chosen_attention_mask"][:, 1:] > 0
+            nll, _ = losses.sft_loss(t["chosen_token_logps"], seq_mask,
+                                     normalizer=ctx.globals["num_chosen_sequence_tokens"])
+            loss = loss + nll
+            metrics["nll_loss"] = nll
+        elif algo.rpo_alpha:
             nll, _ = losses.sft_loss(t["chosen_token_logps"], t["chosen_mask"],
                                      normalizer=ctx.globals["num_chosen_tokens"])
-            loss = loss + nll_weight * nll
+            loss = loss + algo.rpo_alpha * nll
             metrics["nll_loss"] = nll
         if algo.loss_type == "orpo":
             metrics["log_odds_ratio"] = jnp.mean(t["log_odds_ratio"])
