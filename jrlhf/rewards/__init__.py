@@ -1,0 +1,44 @@
+"""Reward functions for on-policy training (host-side Python, TRL's calling convention).
+
+``fn(prompts, completions, completion_ids, **record_fields) -> list[float | None]``; combine several with
+:func:`combine_rewards`; look shipped ones up by name with :func:`get_reward_fn` (``"addition_exact_match"``,
+``"addition_format"``, ``"math_answer"``, ``"format"`` (options: ``pattern``, ``mode``)).
+"""
+
+from jrlhf.rewards.core import (
+    RewardError,
+    combine_rewards,
+    get_reward_fn,
+    register_reward_fn,
+    reward_fn_name,
+    reward_fn_names,
+    reward_metrics,
+)
+from jrlhf.rewards.verifiable import (
+    addition_exact_match,
+    answers_equal,
+    completion_text,
+    extract_boxed,
+    extract_final_answer,
+    make_format_reward,
+    math_answer,
+    normalize_answer,
+)
+
+__all__ = [
+    "RewardError",
+    "addition_exact_match",
+    "answers_equal",
+    "combine_rewards",
+    "completion_text",
+    "extract_boxed",
+    "extract_final_answer",
+    "get_reward_fn",
+    "make_format_reward",
+    "math_answer",
+    "normalize_answer",
+    "register_reward_fn",
+    "reward_fn_name",
+    "reward_fn_names",
+    "reward_metrics",
+]
