@@ -121,7 +121,8 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
     head: "lm" (``AutoModelForCausalLM`` weights), "score"/"value" (a ``...ForSequenceClassification`` checkpoint
     with one label: its ``score`` weight), or "lm+value". When the checkpoint has no ``score.weight`` (e.g. a value
     head on top of an SFT model) pass ``head_rng`` to initialise it; otherwise this is an error.
-    shardings: optional pytree of ``jax.sharding.Sharding`` matching ``params``, used to place each tensor.
+    shardings: optional pytree of ``jax.sharding.Sharding`` matching the returned ``params`` (e.g. from
+    ``logical_axes(model)`` through the sharding rules), used to place each tensor as it is loaded.
     strict: raise on checkpoint tensors the model does not use (other than known buffers and an unused LM/score
     head). ``config_overrides``: ModelConfig fields (``remat``, ``dropout_rate``...).
 
@@ -135,25 +136,28 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
     family = FAMILY_WEIGHTS[config.family]
     source = _TensorSource(path)
     names = set(source.names())
+    # checkpoints saved from the bare trunk (e.g. ``LlamaModel``) have no ``model.`` / ``transformer.`` prefix
     trunk_first = family.rules(config, "lm")[0].hf_name
-    prefix = family.prefix if (family.prefix + trunk_first) in names or not (trunk_first in names) else ""
+    prefix = family.prefix
+    if prefix + trunk_first not in names and trunk_first in names:
+        prefix = ""
 
     expected = abstract_params(model)["params"]
     target = np.dtype(jnp.dtype(param_dtype))
     params: dict = {}
     used = set()
-    missing_head = False
     for rule in family.rules(config, head):
         base = rule.hf_name if rule.top_level else prefix + rule.hf_name
         layer_names = [base.format(i=i) for i in range(config.num_layers)] if rule.per_layer else [base]
+        is_scalar_head = rule.paths == (("score",),)
+        if is_scalar_head and base not in names and head_rng is not None:
+            fresh = config.initializer_range * jax.random.normal(head_rng, expected["score"].shape, jnp.float32)
+            _set_path(params, ("score",), np.asarray(fresh).astype(target))
+            continue
         parts = [[] for _ in rule.paths]
         for name in layer_names:
             if name not in names:
-                if rule.paths == (("score",),) and head_rng is not None:
-                    missing_head = True
-                    break
-                hint = (" (the checkpoint has no scalar head: pass head_rng to initialise one)"
-                        if rule.paths == (("score",),) else "")
+                hint = " (the checkpoint has no scalar head: pass head_rng to initialise one)" if is_scalar_head else ""
                 raise ValueError(f"checkpoint {path} is missing tensor {name!r} of shape {rule.hf_shape}{hint}")
             array = source.get(name)
             if tuple(array.shape) != rule.hf_shape:
@@ -162,14 +166,8 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
             used.add(name)
             for slot, converted in zip(parts, rule.to_params(array)):
                 slot.append(np.asarray(converted).astype(target))
-        if missing_head:
-            missing_head = False
-            shape = expected["score"].shape
-            head_value = (config.initializer_range * jax.random.normal(head_rng, shape, jnp.float32))
-            _set_path(params, ("score",), np.asarray(head_value).astype(target))
-            continue
-        for p, slot in zip(rule.paths, parts):
-            _set_path(params, p, np.stack(slot) if rule.per_layer else slot[0])
+        for param_path, slot in zip(rule.paths, parts):
+            _set_path(params, param_path, np.stack(slot) if rule.per_layer else slot[0])
 
     unused = names - used
     ignorable = {n for n in unused if n.endswith(family.ignorable_suffixes)
@@ -188,12 +186,10 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
             raise ValueError(f"no checkpoint tensor maps to parameter {'/'.join(keys)} {leaf.shape}") from None
         if value.shape != leaf.shape:
             raise ValueError(f"parameter {'/'.join(keys)}: converted shape {value.shape}, model expects {leaf.shape}")
-    params = jax.tree_util.tree_map(lambda _, v: v, expected, params)
+    params = {"params": jax.tree_util.tree_map(lambda _, v: v, expected, params)}
     if shardings is not None:
-        params = jax.tree_util.tree_map(jax.device_put, params, shardings)
-    else:
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-    return model, {"params": params}
+        return model, jax.tree_util.tree_map(jax.device_put, params, shardings)
+    return model, jax.tree_util.tree_map(jnp.asarray, params)
 
 
 # --------------------------------------------------------------------------- writing
@@ -210,13 +206,23 @@ def _parse_size(size) -> int:
     return int(text)
 
 
-def hf_state_dict(model, params, dtype: Any = None) -> Dict[str, np.ndarray]:
-    """HF-named numpy tensors of ``params`` (``dtype`` default: as stored)."""
+def _export_head(model, head: Optional[str]) -> str:
+    head = model.head if head is None else head
+    available = {"lm": ("lm",), "lm+value": ("lm+value", "lm", "value", "score"), "value": ("value", "score"),
+                 "score": ("score", "value")}[model.head]
+    if head not in available:
+        raise ValueError(f"cannot export head={head!r} from a model with head={model.head!r}; choose {available}")
+    return head
+
+
+def hf_state_dict(model, params, dtype: Any = None, head: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """HF-named numpy tensors of ``params`` (``dtype`` default: as stored; ``head`` as in :func:`save_pretrained`)."""
     config: ModelConfig = model.config
     family = FAMILY_WEIGHTS[config.family]
+    head = _export_head(model, head)
     tree = jax.device_get(params["params"])
     out = {}
-    for rule in family.rules(config, model.head):
+    for rule in family.rules(config, head):
         name = rule.hf_name if rule.top_level else family.prefix + rule.hf_name
         values = [np.asarray(_get_path(tree, p)) for p in rule.paths]
         layers = range(config.num_layers) if rule.per_layer else [None]
@@ -231,21 +237,24 @@ def hf_state_dict(model, params, dtype: Any = None) -> Dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model, params, path: str, dtype: Any = None, max_shard_size="5GB") -> None:
+def save_pretrained(model, params, path: str, dtype: Any = None, max_shard_size="5GB",
+                    head: Optional[str] = None) -> None:
     """Writes ``config.json`` and safetensors weights that transformers loads.
 
-    "lm" models load with ``AutoModelForCausalLM``; "score"/"value" models with
-    ``AutoModelForSequenceClassification`` (``num_labels=1``); an "lm+value" model is written as a causal LM whose
-    file also holds ``score.weight`` (ignored by transformers, reloaded by ``from_pretrained(..., head="lm+value")``).
+    head (default ``model.head``): "lm" writes a causal LM (``AutoModelForCausalLM``); "score"/"value" a
+    ``...ForSequenceClassification`` with ``num_labels=1`` (``AutoModelForSequenceClassification``); "lm+value"
+    writes the causal LM plus ``score.weight`` (transformers reports it as unexpected and ignores it;
+    ``from_pretrained(..., head="lm+value")`` reloads both). An "lm+value" model can export either view alone.
     dtype: dtype of the written tensors (default: the parameters' dtype). Checkpoints larger than
-    ``max_shard_size`` are split into ``model-0000i-of-0000n.safetensors`` with an index.
+    ``max_shard_size`` (bytes or e.g. "2GB") are split into ``model-0000i-of-0000n.safetensors`` with an index.
     """
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    tensors = hf_state_dict(model, params, dtype)
+    head = _export_head(model, head)
+    tensors = hf_state_dict(model, params, dtype, head)
     written_dtype = dtype if dtype is not None else next(iter(tensors.values())).dtype
-    config_dict = model.config.to_hf_dict(model.head, dtype=written_dtype)
+    config_dict = model.config.to_hf_dict(head, dtype=written_dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_dict, f, indent=2, sort_keys=True)
     limit = _parse_size(max_shard_size)

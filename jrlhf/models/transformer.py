@@ -292,8 +292,11 @@ class _DecoderModel(nn.Module):
         """Forward pass.
 
         input_ids ``[B, T]`` int; attention_mask ``[B, T]`` (1 real, 0 pad; default all real); positions ``[B, T]``
-        int (default ``cumsum(mask) - 1``, restarted per segment, or continuing the cache); segment_ids ``[B, T]``
-        int (packed sequences: block-diagonal attention, contiguous segments); cache: a :class:`KVCache`.
+        int (default ``cumsum(mask) - 1``, restarted per segment, or continuing the cache; learned position tables
+        clip positions beyond ``max_position_embeddings``); segment_ids ``[B, T]`` int (packed sequences:
+        block-diagonal attention, contiguous segments); cache: a :class:`KVCache` (written at slots
+        ``index .. index + T - 1``; queries see valid slots up to their own). ``deterministic=False`` enables the
+        configured dropout (needs ``rngs={"dropout": key}``). Ids outside ``[0, V)`` are clipped.
 
         Returns, by head: "lm" logits ``[B, T, V]`` f32; "value"/"score" scalars ``[B, T]`` f32; "lm+value"
         ``(logits, values)``. ``return_hidden=True`` replaces the logits by the final-normed hidden states
