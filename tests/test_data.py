@@ -456,9 +456,10 @@ def test_packing_builds_block_diagonal_segments(tok):
 
 
 def _operands(prompt):
+    """The operands of a shipped prompt: fixed-width, least significant digit first ("321+540=" is 123 + 45)."""
     match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
-    assert match, prompt
-    return int(match.group(1)), int(match.group(2))
+    assert match and len(match.group(1)) == len(match.group(2)), prompt
+    return int(match.group(1)[::-1]), int(match.group(2)[::-1])
 
 
 def test_shipped_task_files_are_correct_and_disjoint():
