@@ -23,5 +23,9 @@ test: install-test
 bench: install-test
 	$(PYTHON) -m benchmarks.run
 
+# Checks the GPU/TPU-sized benchmark plan without timing anything.
+bench-dry: install-test
+	$(PYTHON) -m benchmarks.run --dry-run --size qwen2-0.5b
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs

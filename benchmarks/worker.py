@@ -1,0 +1,198 @@
+"""Subprocess entry points of the benchmark driver (each in a fresh process, environment set before imports).
+
+``python -m benchmarks.worker memory --system jrlhf|pytorch ...``
+    Peak memory of one system: for each benchmark, the peak host RSS while it is built, compiled / warmed up and
+    run for a few steps, and apart the peak during the steps alone (``VmHWM`` after resetting it through
+    ``/proc/self/clear_refs``, each time over the RSS at that moment), and the peak device memory where the device
+    reports it. Between benchmarks the previous one's objects and jax's caches are dropped and glibc is asked to
+    return freed memory to the system (``malloc_trim``), so that the next benchmark's growth shows in its RSS.
+
+``python -m benchmarks.worker scaling --devices N ...``
+    jrlhf's step on a data-parallel mesh of ``N`` simulated XLA CPU devices
+    (``--xla_force_host_platform_device_count=N``): compile time and step time. The simulated devices share the
+    same CPU cores, so these times check that the sharded program compiles and runs, not how it scales.
+
+Both write one JSON object to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets ``VmHWM`` to the current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kib() -> int | None:
+    value = _status_kib("VmHWM")
+    if value is None:  # no /proc: fall back to the process-lifetime peak
+        import resource
+
+        value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value
+
+
+def _release_memory(system: str) -> None:
+    """Drops garbage, jax's compiled-program caches (jrlhf) and returns glibc's free heap pages to the system."""
+    gc.collect()
+    if system == "jrlhf":
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _device_memory(system: str) -> dict:
+    out = {}
+    if system == "jrlhf":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            out["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def memory(args) -> dict:
+    from benchmarks import cases
+    from benchmarks.sizes import get_size
+
+    if args.system == "pytorch":
+        from benchmarks.env import configure_torch
+
+        configure_torch(args.threads)
+    size = get_size(args.size)
+    inputs = cases.make_inputs(size, _paths(args.checkpoint), args.seed)
+    baseline = _status_kib("VmRSS")
+    results = []
+    mib = lambda kib: None if kib is None else kib / 1024  # noqa: E731
+    for name in cases.parse_benchmarks(args.benchmarks):
+        _release_memory(args.system)
+        exact = _reset_peak_rss()
+        before = _status_kib("VmRSS")
+        start = time.perf_counter()
+        runner = cases.build(name, args.system, inputs)
+        runner.compile()
+        runner.loop(1, lambda *unused: None)  # warm-up (first eager step / first call after compile)
+        peak_setup = _peak_rss_kib()
+        _reset_peak_rss()
+        steps_before = _status_kib("VmRSS")
+        runner.loop(args.steps, lambda *unused: None)
+        peak_steps = _peak_rss_kib()
+        peak = max(peak_setup or 0, peak_steps or 0) or None
+        record = {"name": name, "system": args.system, "label": runner.label, "rss_before_mib": mib(before),
+                  "peak_rss_mib": mib(peak), "peak_rss_delta_mib": mib(peak - before) if peak and before else None,
+                  "steps_peak_rss_delta_mib": (mib(peak_steps - steps_before) if peak_steps and steps_before
+                                               else None),
+                  "peak_is_per_benchmark": exact, "seconds": time.perf_counter() - start}
+        record.update(_device_memory(args.system))
+        results.append(record)
+        runner.close()
+        del runner
+    return {"system": args.system, "baseline_rss_mib": baseline / 1024 if baseline else None, "results": results}
+
+
+def scaling(args) -> dict:
+    import jax
+
+    from benchmarks import cases
+    from benchmarks.sizes import get_size
+    from jrlhf.sharding import make_mesh
+
+    size = get_size(args.size)
+    if jax.device_count() != args.devices:
+        raise RuntimeError(f"expected {args.devices} devices, jax sees {jax.device_count()}")
+    inputs = cases.make_inputs(size, _paths(args.checkpoint), args.seed)
+    mesh = make_mesh({"data": args.devices, "fsdp": 1, "tensor": 1})
+    results = []
+    for name in cases.parse_benchmarks(args.benchmarks):
+        runner = cases.build(name, "jrlhf", inputs, mesh=mesh)
+        compile_s = runner.compile()
+        seconds, tokens = [], []
+
+        def record(index, s, t, cpu):
+            seconds.append(s)
+            tokens.append(t)
+
+        runner.loop(args.steps, record)
+        median = statistics.median(seconds)
+        results.append({"name": name, "devices": args.devices, "compile_s": compile_s, "median_step_s": median,
+                        "median_tokens_per_s": statistics.median(t / s for t, s in zip(tokens, seconds)),
+                        "recompiles": runner.recompiles(), "seconds": seconds})
+        runner.close()
+        del runner
+        gc.collect()
+    return {"devices": args.devices, "results": results}
+
+
+def _paths(checkpoint: str) -> dict:
+    return {name: os.path.join(checkpoint, name) for name in ("lm", "lm_value", "score")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("memory", "scaling"))
+    parser.add_argument("--size", required=True)
+    parser.add_argument("--checkpoint", required=True, help="directory written by benchmarks.data.write_checkpoint")
+    parser.add_argument("--benchmarks", default="all")
+    parser.add_argument("--system", choices=("jrlhf", "pytorch"), default="jrlhf")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--platform", default=None, help="JAX_PLATFORMS value (e.g. cpu)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    from benchmarks import env
+
+    env.configure(args.threads, device_count=args.devices if args.mode == "scaling" else None,
+                  platform="cpu" if args.mode == "scaling" else args.platform)
+    from benchmarks.run import quiet_libraries
+
+    quiet_libraries()
+    result = memory(args) if args.mode == "memory" else scaling(args)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
