@@ -1,0 +1,164 @@
+"""GRPO and its variants (Dr. GRPO, DAPO, BNPO, CISPO, SAPO, LUSPO; clip-higher; GSPO's sequence-level ratio),
+with the semantics and defaults of TRL 1.16's ``GRPOTrainer``.
+
+Per iteration: ``num_generations`` completions per prompt from one prefill, rewards from the reward functions
+(and/or a reward model), group-relative advantages (``scale_rewards``), then ``num_iterations`` passes over the
+rollout, each split into ``steps_per_generation`` mini-batches (one optimizer step each), all in one compiled
+program. The sampler's log-probs (under ``logits / temperature``) are the old log-probs; with ``beta > 0`` the
+reference log-probs are computed once per rollout from ``frozen["ref_params"]`` (a copy of the initial policy).
+
+Loss normalisers (TRL 1.16): ``grpo``/``sapo`` average per-sequence token means over the mini-batch's sequences;
+``bnpo`` divides by each micro-batch's token count (averaged over micro-batches); ``dapo``/``cispo`` divide by the
+rollout's token count over ``steps_per_generation``; ``dr_grpo`` by ``mini-batch size * max_completion_length``;
+``luspo`` averages per-sequence token sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jrlhf import losses
+from jrlhf.algorithms import onpolicy
+from jrlhf.algorithms.base import AlgorithmSetup, OnPolicy, tokenize_train
+from jrlhf.config import ConfigError
+
+DATA_KIND = onpolicy.DATA_KIND
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclasses.dataclass
+class Config(onpolicy.RolloutConfig):
+    """GRPO settings: TRL 1.16 ``GRPOConfig`` names and defaults (plus the rollout settings of
+    :class:`jrlhf.algorithms.onpolicy.RolloutConfig`).
+
+    Attributes:
+      beta: KL coefficient (k3 estimator to the reference); 0 loads no reference.
+      num_iterations: μ, policy updates per rollout batch.
+      steps_per_generation: optimizer steps (mini-batches) per pass over a rollout batch; ``None`` = 1.
+      epsilon: lower clip ε (and the upper one unless ``epsilon_high``).
+      epsilon_high: upper clip ε (DAPO's clip-higher: 0.28); for ``cispo`` the absolute ratio cap.
+      delta: two-sided clipping's upper bound on the unclipped ratio (``None``: off).
+      loss_type: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` or ``luspo``.
+      scale_rewards: ``group`` (std within each group), ``batch`` (std over the batch) or ``none``.
+      importance_sampling_level: ``token`` or ``sequence`` (GSPO).
+      sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures.
+      use_bias_correction_kl: multiply the KL term by the importance ratio.
+    """
+
+    num_generations: int = 8
+    beta: float = 0.0
+    num_iterations: int = 1
+    steps_per_generation: int | None = None
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    importance_sampling_level: str = "token"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    use_bias_correction_kl: bool = True
+
+
+def head(cfg) -> str:
+    """The trained model's head."""
+    return "lm"
+
+
+def num_minibatches(algo: Config) -> int:
+    """Optimizer steps per pass over a rollout batch."""
+    return 1 if algo.steps_per_generation is None else int(algo.steps_per_generation)
+
+
+def check_config(run) -> None:
+    """Rejects settings that cannot work together, naming the keys."""
+    algo = run.cfg.algo
+    onpolicy.check_rollout_config(run, min_generations=2)
+    if algo.loss_type not in losses.GRPO_LOSS_TYPES:
+        raise ConfigError(f"algo.loss_type '{algo.loss_type}' is not one of {', '.join(losses.GRPO_LOSS_TYPES)}")
+    if algo.scale_rewards not in SCALE_REWARDS:
+        raise ConfigError(f"algo.scale_rewards '{algo.scale_rewards}' is not one of {', '.join(SCALE_REWARDS)}")
+    if algo.importance_sampling_level not in ("token", "sequence"):
+        raise ConfigError(f"algo.importance_sampling_level '{algo.importance_sampling_level}': use token or "
+                          "sequence")
+    for key in ("num_iterations", "steps_per_generation"):
+        value = getattr(algo, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"algo.{key}={value!r}: must be a positive integer")
+    if algo.beta < 0:
+        raise ConfigError(f"algo.beta={algo.beta}: must be >= 0")
+
+
+def advantages(scores, algo: Config):
+    """Group-relative advantages of a rollout's ``[R]`` scores (TRL's ε = 1e-4, Bessel std): ``[R]`` float32."""
+    return losses.grpo_advantages(scores, algo.num_generations, scale=algo.scale_rewards, epsilon=1e-4)
+
+
+def make_prepare_batch(algo: Config):
+    """``prepare_batch``: the group-relative advantages and the rollout-level token counts, once per rollout."""
+    steps = num_minibatches(algo)
+
+    def prepare_batch(batch, frozen, algo_state):
+        batch = dict(batch)
+        batch["advantages"] = advantages(batch["scores"], algo)
+        return batch, onpolicy.sequence_globals(batch, steps)
+
+    return prepare_batch
+
+
+def policy_loss(logps, batch, algo: Config, ctx, num_microbatches: int = 1, entropies=None):
+    """GRPO loss of one micro-batch from its policy log-probs ``[b, N]``, with the TRL 1.16 normaliser of
+    ``algo.loss_type`` (see the module docstring). Returns ``(loss, metrics)``."""
+    n, mask = onpolicy.completion_part(batch)
+    normalizer = None
+    if algo.loss_type in ("grpo", "sapo", "luspo"):
+        normalizer = ctx.globals["num_sequences"]
+    elif algo.loss_type == "bnpo":
+        normalizer = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0) * num_microbatches
+    elif algo.loss_type == "dr_grpo":
+        normalizer = ctx.globals["num_sequences"] * n
+    elif algo.loss_type in ("dapo", "cispo"):
+        normalizer = jnp.maximum(ctx.globals["tokens_per_minibatch"], 1.0)
+    return losses.grpo_loss(
+        logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
+        beta=algo.beta, epsilon_low=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
+        max_completion_length=n, importance_sampling_level=algo.importance_sampling_level, delta=algo.delta,
+        sapo_temperature_pos=algo.sapo_temperature_pos, sapo_temperature_neg=algo.sapo_temperature_neg,
+        kl_importance_correction=algo.use_bias_correction_kl, entropies=entropies, normalizer=normalizer)
+
+
+def make_loss_fn(model, algo: Config, num_microbatches: int = 1):
+    """``loss_fn(params, batch, frozen, ctx)`` on one micro-batch of the rollout: TRL-named metrics ``kl`` (beta >
+    0), ``entropy``, ``clip_ratio/*`` (``cispo_clip_ratio`` for cispo)."""
+
+    def loss_fn(params, batch, frozen, ctx):
+        n, _ = onpolicy.completion_part(batch)
+        logps, entropies, _ = onpolicy.completion_forward(model, params, batch["input_ids"], batch["attention_mask"],
+                                                          n, temperature=algo.temperature,
+                                                          chunk_size=algo.logprob_chunk_size)
+        return policy_loss(logps, batch, algo, ctx, num_microbatches, entropies)
+
+    return loss_fn
+
+
+def setup(run) -> AlgorithmSetup:
+    """Builds the GRPO parts for the loop."""
+    cfg, algo = run.cfg, run.cfg.algo
+    check_config(run)
+    train_data = tokenize_train(run, DATA_KIND)
+    rewards = onpolicy.load_reward_sources(run)
+    frozen, frozen_specs = onpolicy.frozen_parts(run, ref=algo.beta != 0.0, rewards=rewards)
+    collect = onpolicy.make_collect(run, rewards, onpolicy.Collector(
+        need_ref=algo.beta != 0.0, zero_std_over_batch=algo.scale_rewards == "batch"))
+    return AlgorithmSetup(
+        loss_fn=make_loss_fn(run.model, algo, cfg.train.num_microbatches),
+        train_data=train_data,
+        frozen=frozen,
+        frozen_specs=frozen_specs,
+        prepare_batch=make_prepare_batch(algo),
+        evaluate=onpolicy.make_evaluate(run),
+        onpolicy=OnPolicy(collect=collect, num_epochs=int(algo.num_iterations),
+                                   num_minibatches=num_minibatches(algo)),
+    )

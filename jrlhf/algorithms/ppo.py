@@ -1,0 +1,251 @@
+"""PPO for language models as in InstructGPT (Ouyang et al., 2022) and TRL's former ``PPOTrainer`` (defaults),
+with verl's metric names.
+
+Per iteration: ``num_generations`` completions per prompt; the sequence score (reward functions and/or a reward
+model, plus ``missing_eos_penalty`` for completions without EOS) is placed at the last completion token and a
+per-token KL penalty ``-kl_coef * KL_t`` to the reference is added to every token
+(:func:`jrlhf.losses.kl_penalized_rewards`); GAE over the critic's values of the rollout
+(:func:`jrlhf.losses.gae`), advantages whitened over the rollout (and optionally the rewards); then ``ppo_epochs``
+passes of ``num_mini_batches`` optimizer steps on ``pg_loss + vf_coef * vf_loss`` (clipped surrogate and clipped
+value loss, token means), all in one compiled program. With ``adaptive_kl`` the coefficient lives in the algorithm
+state and follows Ziegler et al.'s controller in-graph after each update.
+
+The critic is a value head on the policy's trunk (``critic: shared``, model head ``lm+value``) or a separate model
+(``critic: separate``) loaded from ``critic_model`` (default: the policy's checkpoint) with a fresh value head; the
+trained params are then ``{"policy": ..., "critic": ...}`` and only the policy is exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jrlhf import losses
+from jrlhf.algorithms import onpolicy
+from jrlhf.algorithms.base import AlgorithmSetup, OnPolicy, tokenize_train
+from jrlhf.config import ConfigError
+from jrlhf.models import logical_axes
+
+DATA_KIND = onpolicy.DATA_KIND
+CRITICS = ("shared", "separate")
+
+
+@dataclasses.dataclass
+class Config(onpolicy.RolloutConfig):
+    """PPO settings: TRL's former ``PPOConfig`` names and defaults where it had them (plus the rollout settings of
+    :class:`jrlhf.algorithms.onpolicy.RolloutConfig`; PPO samples at TRL's temperature 0.7).
+
+    Attributes:
+      critic: ``shared`` (value head on the policy trunk) or ``separate`` (its own model).
+      critic_model: HF directory of the separate critic's trunk; ``None``: the policy's initial checkpoint.
+      kl_coef: initial KL coefficient β.
+      kl_estimator: per-token KL estimator of the penalty (``k1``, TRL/InstructGPT; see
+        :func:`jrlhf.losses.kl_penalty`).
+      adaptive_kl: adapt β toward ``target_kl`` (mean per-sequence KL) with horizon ``kl_horizon``.
+      gamma, lam: GAE discount and λ.
+      cliprange: policy ratio clip ε.
+      cliprange_value: value clip (``None``: unclipped value loss).
+      vf_coef: weight of the value loss.
+      whiten_rewards: whiten the per-token rewards over the rollout before GAE (mean kept).
+      whiten_advantages: whiten the advantages over the rollout.
+      missing_eos_penalty: subtracted from the score of completions that end without EOS (``None``: off).
+      ppo_epochs: passes over each rollout batch.
+      num_mini_batches: optimizer steps per pass.
+    """
+
+    num_generations: int = 1
+    temperature: float = 0.7
+    critic: str = "shared"
+    critic_model: str | None = None
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float | None = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = None
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
+
+
+def head(cfg) -> str:
+    """The trained model's head: ``lm+value`` with a shared critic, else ``lm``."""
+    critic = getattr(cfg.algo, "critic", "shared")
+    return "lm+value" if critic == "shared" else "lm"
+
+
+def check_config(run) -> None:
+    """Rejects settings that cannot work together, naming the keys."""
+    algo = run.cfg.algo
+    onpolicy.check_rollout_config(run)
+    if algo.critic not in CRITICS:
+        raise ConfigError(f"algo.critic '{algo.critic}' is not one of {', '.join(CRITICS)}")
+    if algo.critic_model and algo.critic != "separate":
+        raise ConfigError("algo.critic_model is only read with algo.critic: separate")
+    if algo.kl_estimator not in losses.KL_KINDS:
+        raise ConfigError(f"algo.kl_estimator '{algo.kl_estimator}' is not one of {', '.join(losses.KL_KINDS)}")
+    for key in ("ppo_epochs", "num_mini_batches"):
+        value = getattr(algo, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"algo.{key}={value!r}: must be a positive integer")
+    if algo.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef={algo.kl_coef}: must be >= 0")
+    if algo.adaptive_kl and (algo.target_kl <= 0 or algo.kl_horizon <= 0):
+        raise ConfigError("algo.target_kl and algo.kl_horizon must be positive with adaptive_kl")
+
+
+def rollout_advantages(batch: dict, kl_coef, algo: Config):
+    """GAE of one rollout: ``(advantages [R, N], returns [R, N], trained mask [R, N], per-token KL [R, N])``.
+
+    Completions that no reward applies to (NaN score) are masked out."""
+    _, mask = onpolicy.completion_part(batch)
+    scores = batch["scores"].astype(jnp.float32)
+    scorable = ~jnp.isnan(scores)
+    mask = mask & scorable[:, None]
+    scores = jnp.where(scorable, scores, 0.0)
+    rewards, kl = losses.kl_penalized_rewards(scores, batch["old_logps"], batch["ref_logps"], mask, kl_coef=kl_coef,
+                                              kl_kind=algo.kl_estimator)
+    if algo.whiten_rewards:
+        rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = losses.gae(rewards, batch["old_values"], mask, gamma=algo.gamma, lam=algo.lam)
+    if algo.whiten_advantages:
+        adv = losses.masked_whiten(adv, mask)
+    return adv, returns, mask, kl
+
+
+def make_prepare_batch(algo: Config):
+    """``prepare_batch``: KL-penalised token rewards, GAE and whitening with the current ``kl_coef`` of the algorithm
+    state, once per rollout. Globals: ``kl`` (mean per-sequence summed KL, the controller's measure),
+    ``kl_coef``, ``advantages_mean``, ``returns_mean``, ``non_score_reward``."""
+
+    def prepare_batch(batch, frozen, algo_state):
+        batch = dict(batch)
+        kl_coef = algo_state["kl_coef"]
+        adv, returns, mask, kl = rollout_advantages(batch, kl_coef, algo)
+        n = adv.shape[1]
+        batch["advantages"], batch["returns"] = adv, returns
+        batch["loss_mask"] = batch["loss_mask"].at[:, -n:].set(mask.astype(batch["loss_mask"].dtype))
+        seq_kl = jnp.sum(kl, axis=-1)
+        return batch, {
+            "kl": jnp.mean(seq_kl),
+            "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+            "non_score_reward": -jnp.asarray(kl_coef, jnp.float32) * jnp.mean(seq_kl),
+            "advantages_mean": losses.masked_mean(adv, mask),
+            "returns_mean": losses.masked_mean(returns, mask),
+        }
+
+    return prepare_batch
+
+
+def make_loss_fn(model, algo: Config, critic_model=None):
+    """``loss_fn(params, batch, frozen, ctx)``: ``pg_loss + vf_coef * vf_loss`` on one micro-batch, each a token
+    mean over the mini-batch's trained tokens; verl-named metrics ``actor/*``, ``critic/*`` plus ``kl``,
+    ``kl_coef`` and ``entropy``."""
+
+    def loss_fn(params, batch, frozen, ctx):
+        n, mask = onpolicy.completion_part(batch)
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        policy = params if critic_model is None else params["policy"]
+        logps, entropies, values = onpolicy.completion_forward(model, policy, ids, attention, n,
+                                                               temperature=algo.temperature,
+                                                               chunk_size=algo.logprob_chunk_size)
+        if critic_model is not None:
+            values = critic_values(critic_model, params["critic"], ids, attention, n)
+        normalizer = jnp.maximum(ctx.globals["num_tokens"], 1.0)
+        pg_loss, metrics = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
+                                                  clip_eps=algo.cliprange, normalizer=normalizer)
+        vf_loss, vf_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                    cliprange_value=algo.cliprange_value, normalizer=normalizer)
+        metrics.update(vf_metrics)
+        if entropies is not None:
+            metrics["actor/entropy"] = losses.masked_mean(entropies, mask)
+        metrics["critic/advantages/mean"] = ctx.globals["advantages_mean"]
+        metrics["critic/returns/mean"] = ctx.globals["returns_mean"]
+        metrics["critic/values/mean"] = losses.masked_mean(values, mask)
+        metrics["kl"] = ctx.globals["kl"]
+        metrics["kl_coef"] = ctx.globals["kl_coef"]
+        metrics["non_score_reward"] = ctx.globals["non_score_reward"]
+        return pg_loss + algo.vf_coef * vf_loss, metrics
+
+    return loss_fn
+
+
+def critic_values(critic_model, critic_params, input_ids, attention_mask, num_completion_tokens: int):
+    """A separate critic's values of the state before each completion token: ``[B, N]`` float32."""
+    values = critic_model.apply(critic_params, input_ids, attention_mask)
+    start = input_ids.shape[1] - num_completion_tokens - 1
+    return values[:, start:-1].astype(jnp.float32)
+
+
+def make_update_algo_state(algo: Config, rollout_rows: int):
+    """``update_algo_state``: the adaptive KL controller (``n_steps`` = rollout rows, as TRL counted samples)."""
+
+    def update(algo_state, metrics):
+        if not algo.adaptive_kl:
+            return algo_state
+        new = losses.adaptive_kl_update(algo_state["kl_coef"], metrics["kl"], rollout_rows, target=algo.target_kl,
+                                        horizon=algo.kl_horizon)
+        return {**algo_state, "kl_coef": new}
+
+    return update
+
+
+def setup(run) -> AlgorithmSetup:
+    """Builds the PPO parts for the loop."""
+    cfg, algo, model = run.cfg, run.cfg.algo, run.model
+    check_config(run)
+    train_data = tokenize_train(run, DATA_KIND)
+    rewards = onpolicy.load_reward_sources(run)
+    policy_lm = onpolicy.lm_view(model)
+    frozen, frozen_specs = onpolicy.frozen_parts(run, ref=True, rewards=rewards)
+
+    critic_model, params, param_specs, export = None, None, None, None
+    if algo.critic == "separate":
+        critic_model, critic_params = run.load_model(algo.critic_model, "value")
+        params = {"policy": run.params, "critic": critic_params}
+        param_specs = {"policy": logical_axes(model), "critic": logical_axes(critic_model)}
+        export = lambda p: p["policy"]  # noqa: E731
+        policy_params = lambda p: p["policy"]  # noqa: E731
+
+        def values_fn(p, ids, attention, n):
+            return critic_values(critic_model, p["critic"], ids, attention, n)
+    else:
+        policy_params = lambda p: p  # noqa: E731
+
+        def values_fn(p, ids, attention, n):
+            _, _, values = onpolicy.completion_forward(model, p, ids, attention, n, temperature=algo.temperature,
+                                                       chunk_size=algo.logprob_chunk_size, with_entropy=False)
+            return values
+
+    penalty = algo.missing_eos_penalty
+
+    def host_score(scores, truncated):
+        if penalty is None:
+            return scores
+        return scores - np.float32(penalty) * truncated.astype(np.float32)
+
+    collect = onpolicy.make_collect(run, rewards, onpolicy.Collector(
+        policy_params=policy_params, need_ref=True, values_fn=values_fn, host_score_fn=host_score))
+    rollout_rows = cfg.data.batch_size * algo.num_generations
+    return AlgorithmSetup(
+        loss_fn=make_loss_fn(policy_lm if critic_model is not None else model, algo, critic_model),
+        train_data=train_data,
+        frozen=frozen,
+        frozen_specs=frozen_specs,
+        prepare_batch=make_prepare_batch(algo),
+        update_algo_state=make_update_algo_state(algo, rollout_rows),
+        algo_state={"kl_coef": np.float32(algo.kl_coef)},
+        evaluate=onpolicy.make_evaluate(run, policy_params),
+        onpolicy=OnPolicy(collect=collect, num_epochs=int(algo.ppo_epochs), num_minibatches=int(algo.num_mini_batches)),
+        params=params,
+        param_specs=param_specs,
+        export_params=export,
+    )
