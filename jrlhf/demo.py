@@ -1,6 +1,7 @@
 """``python -m jrlhf.demo``: the whole pipeline on the shipped addition task, then a table of held-out results.
 
-SFT -> reward model -> PPO against that reward model; DPO and GRPO from the same SFT model. Every stage is a
+SFT -> reward model -> PPO against that reward model; DPO, GRPO, RLOO, REINFORCE++ and PPO with the exact-match
+reward from the same SFT model. Every stage is a
 ``jrlhf train`` run with a shipped config (``jrlhf/configs/*.yaml``); a stage whose run directory already holds a
 finished run is reused, so a second ``make demo`` only prints the table. ``--quick`` runs a few steps of each stage
 (a smoke test of the pipeline, not of the numbers).
@@ -19,19 +20,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def stages(out: str, quick: bool):
-    """``(name, algorithm, overrides)`` of each stage, in order."""
+    """``(name, run directory name, algorithm, overrides)`` of each stage, in order."""
     sft_model = os.path.join(out, "sft", "hf_model")
     rm_model = os.path.join(out, "reward", "hf_model")
     common = ["train.progress_bar=true"]
     if quick:
         common += ["train.steps=4", "train.log_every=2", "train.eval_every=0", "data.max_eval_examples=64"]
+    from_sft = common + [f"train.init_from={sft_model}"]
     return [
-        ("sft", "sft", common),
-        ("reward", "reward", common + [f"train.init_from={sft_model}"]),
-        ("dpo", "dpo", common + [f"train.init_from={sft_model}"]),
-        ("grpo", "grpo", common + [f"train.init_from={sft_model}"]),
-        ("ppo (reward model)", "ppo", common + [f"train.init_from={sft_model}", f"algo.reward_model={rm_model}",
-                                                "algo.reward_funcs=[]"]),
+        ("sft", "sft", "sft", common),
+        ("reward model", "reward", "reward", from_sft),
+        ("dpo", "dpo", "dpo", from_sft),
+        ("grpo", "grpo", "grpo", from_sft),
+        ("rloo", "rloo", "rloo", from_sft),
+        ("reinforce++", "reinforce_pp", "reinforce_pp", from_sft),
+        ("ppo (exact-match reward)", "ppo", "ppo", from_sft),
+        ("ppo (learned reward model)", "ppo_rm", "ppo", from_sft + [f"algo.reward_model={rm_model}",
+                                                                   "algo.reward_funcs=[]"]),
     ]
 
 
@@ -58,8 +63,8 @@ def main(argv=None) -> int:
     from jrlhf.train_loop import train
 
     rows = []
-    for name, algorithm, overrides in stages(args.out, args.quick):
-        run_dir = os.path.join(args.out, algorithm)
+    for name, dirname, algorithm, overrides in stages(args.out, args.quick):
+        run_dir = os.path.join(args.out, dirname)
         cfg = load_config(f"builtin:{algorithm}", overrides + [f"train.output_dir={run_dir}"], algorithm=algorithm)
         summary = _finished(run_dir, cfg.train.steps)
         start = time.perf_counter()
