@@ -26,7 +26,7 @@ from safetensors.numpy import load_file
 import jrlhf
 from jrlhf.algorithms import get_algorithm, onpolicy
 from jrlhf.algorithms.base import RunContext
-from jrlhf.config import ConfigError, build_config
+from jrlhf.config import ConfigError, build_config, load_config
 from jrlhf.data import collate_prompts, load_records, load_tokenizer, tokenize, write_jsonl
 from jrlhf.models import logical_axes
 from jrlhf.rewards import RewardError, register_reward_fn, reward_fn_names
@@ -147,6 +147,13 @@ def test_reward_function_error_stops_the_run_with_the_sample(tmp_path, data_file
     cfg = run_config("grpo", tmp_path / "run", data_files, algo={"reward_funcs": ["test_onpolicy_exploding"]})
     with pytest.raises(RewardError, match=r"test_onpolicy_exploding.*ZeroDivisionError: boom.*prompt='\d+\+\d+='"):
         jrlhf.train(cfg)
+
+
+def test_shipped_configs_load():
+    for name in ("grpo", "ppo", "rloo", "reinforce_pp"):
+        cfg = load_config(f"builtin:{name}", algorithm=name)
+        assert cfg.algorithm == name and cfg.train.init_from == "runs/sft/hf_model"
+        assert cfg.algo.reward_funcs == ("addition_exact_match",) and cfg.algo.max_completion_length == 8
 
 
 def test_bad_settings_are_config_errors(tmp_path, data_files):

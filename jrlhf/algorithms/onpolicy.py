@@ -285,7 +285,7 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
     Raises (from ``collect``):
       RewardError: a reward function raised, or returned NaN/inf or a non-number; the message shows the sample.
     """
-    cfg, algo, mesh, tokenizer = run.cfg, run.cfg.algo, run.mesh, run.tokenizer
+    algo, mesh, tokenizer = run.cfg.algo, run.mesh, run.tokenizer
     n_gen = int(algo.num_generations)
     n_tokens = completion_length(run)
     temperature = float(algo.temperature)
