@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jrlhf import losses
 from jrlhf.algorithms import onpolicy
-from jrlhf.algorithms.base import AlgorithmSetup, OnPolicy, tokenize_train
+from jrlhf.algorithms.base import AlgorithmSetup
 from jrlhf.config import ConfigError
 
 DATA_KIND = onpolicy.DATA_KIND
@@ -147,18 +147,7 @@ def setup(run) -> AlgorithmSetup:
     """Builds the GRPO parts for the loop."""
     cfg, algo = run.cfg, run.cfg.algo
     check_config(run)
-    train_data = tokenize_train(run, DATA_KIND)
-    rewards = onpolicy.load_reward_sources(run)
-    frozen, frozen_specs = onpolicy.frozen_parts(run, ref=algo.beta != 0.0, rewards=rewards)
-    collect = onpolicy.make_collect(run, rewards, onpolicy.Collector(
-        need_ref=algo.beta != 0.0, zero_std_over_batch=algo.scale_rewards == "batch"))
-    return AlgorithmSetup(
-        loss_fn=make_loss_fn(run.model, algo, cfg.train.num_microbatches),
-        train_data=train_data,
-        frozen=frozen,
-        frozen_specs=frozen_specs,
-        prepare_batch=make_prepare_batch(algo),
-        evaluate=onpolicy.make_evaluate(run),
-        onpolicy=OnPolicy(collect=collect, num_epochs=int(algo.num_iterations),
-                                   num_minibatches=num_minibatches(algo)),
-    )
+    return onpolicy.policy_gradient_setup(
+        run, make_loss_fn(run.model, algo, cfg.train.num_microbatches), make_prepare_batch(algo),
+        use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations, num_minibatches=num_minibatches(algo),
+        collector_options={"zero_std_over_batch": algo.scale_rewards == "batch"})

@@ -476,3 +476,24 @@ def sequence_globals(batch: dict, num_minibatches: int) -> dict:
     tokens = jnp.sum(mask.astype(jnp.float32))
     return {"rollout_tokens": tokens, "tokens_per_minibatch": tokens / float(num_minibatches)}
 
+
+
+def policy_gradient_setup(run, loss_fn, prepare_batch, *, use_ref: bool, num_epochs: int, num_minibatches: int,
+                          collector_options=None):
+    """The :class:`AlgorithmSetup` shared by the critic-free algorithms (GRPO, RLOO, REINFORCE++): prompt data,
+    reward sources, the reference in ``frozen`` when ``use_ref``, the rollout ``collect`` and held-out evaluation."""
+    from jrlhf.algorithms.base import AlgorithmSetup, OnPolicy, tokenize_train
+
+    train_data = tokenize_train(run, "prompt")
+    rewards = load_reward_sources(run)
+    frozen, frozen_specs = frozen_parts(run, ref=use_ref, rewards=rewards)
+    collect = make_collect(run, rewards, Collector(need_ref=use_ref, **(collector_options or {})))
+    return AlgorithmSetup(
+        loss_fn=loss_fn,
+        train_data=train_data,
+        frozen=frozen,
+        frozen_specs=frozen_specs,
+        prepare_batch=prepare_batch,
+        evaluate=make_evaluate(run),
+        onpolicy=OnPolicy(collect=collect, num_epochs=int(num_epochs), num_minibatches=int(num_minibatches)),
+    )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jrlhf import losses
 from jrlhf.algorithms import onpolicy
-from jrlhf.algorithms.base import AlgorithmSetup, OnPolicy, tokenize_train
+from jrlhf.algorithms.base import AlgorithmSetup
 from jrlhf.config import ConfigError
 
 DATA_KIND = onpolicy.DATA_KIND
@@ -128,17 +128,6 @@ def setup(run) -> AlgorithmSetup:
     """Builds the RLOO parts for the loop."""
     algo = run.cfg.algo
     check_config(run)
-    train_data = tokenize_train(run, DATA_KIND)
-    rewards = onpolicy.load_reward_sources(run)
-    use_ref = algo.beta != 0.0
-    frozen, frozen_specs = onpolicy.frozen_parts(run, ref=use_ref, rewards=rewards)
-    collect = onpolicy.make_collect(run, rewards, onpolicy.Collector(need_ref=use_ref))
-    return AlgorithmSetup(
-        loss_fn=make_loss_fn(run.model, algo),
-        train_data=train_data,
-        frozen=frozen,
-        frozen_specs=frozen_specs,
-        prepare_batch=make_prepare_batch(algo),
-        evaluate=onpolicy.make_evaluate(run),
-        onpolicy=OnPolicy(collect=collect, num_epochs=int(algo.num_iterations), num_minibatches=num_minibatches(algo)),
-    )
+    return onpolicy.policy_gradient_setup(run, make_loss_fn(run.model, algo), make_prepare_batch(algo),
+                                          use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations,
+                                          num_minibatches=num_minibatches(algo))
