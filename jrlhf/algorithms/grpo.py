@@ -67,11 +67,6 @@ def head(cfg) -> str:
     return "lm"
 
 
-def num_minibatches(algo: Config) -> int:
-    """Optimizer steps per pass over a rollout batch."""
-    return 1 if algo.steps_per_generation is None else int(algo.steps_per_generation)
-
-
 def check_config(run) -> None:
     """Rejects settings that cannot work together, naming the keys."""
     algo = run.cfg.algo
@@ -98,7 +93,7 @@ def advantages(scores, algo: Config):
 
 def make_prepare_batch(algo: Config):
     """``prepare_batch``: the group-relative advantages and the rollout-level token counts, once per rollout."""
-    steps = num_minibatches(algo)
+    steps = onpolicy.num_minibatches(algo)
 
     def prepare_batch(batch, frozen, algo_state):
         batch = dict(batch)
@@ -149,5 +144,5 @@ def setup(run) -> AlgorithmSetup:
     check_config(run)
     return onpolicy.policy_gradient_setup(
         run, make_loss_fn(run.model, algo, cfg.train.num_microbatches), make_prepare_batch(algo),
-        use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations, num_minibatches=num_minibatches(algo),
+        use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations, num_minibatches=onpolicy.num_minibatches(algo),
         collector_options={"zero_std_over_batch": algo.scale_rewards == "batch"})

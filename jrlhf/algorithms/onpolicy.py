@@ -478,6 +478,11 @@ def sequence_globals(batch: dict, num_minibatches: int) -> dict:
 
 
 
+def num_minibatches(algo) -> int:
+    """Optimizer steps per pass over a rollout batch (TRL's ``steps_per_generation``; ``None``: one)."""
+    return 1 if algo.steps_per_generation is None else int(algo.steps_per_generation)
+
+
 def policy_gradient_setup(run, loss_fn, prepare_batch, *, use_ref: bool, num_epochs: int, num_minibatches: int,
                           collector_options=None):
     """The :class:`AlgorithmSetup` shared by the critic-free algorithms (GRPO, RLOO, REINFORCE++): prompt data,

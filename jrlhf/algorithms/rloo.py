@@ -51,11 +51,6 @@ def head(cfg) -> str:
     return "lm"
 
 
-def num_minibatches(algo: Config) -> int:
-    """Optimizer steps per pass over a rollout batch."""
-    return 1 if algo.steps_per_generation is None else int(algo.steps_per_generation)
-
-
 def check_config(run) -> None:
     """Rejects settings that cannot work together, naming the keys."""
     algo = run.cfg.algo
@@ -130,4 +125,4 @@ def setup(run) -> AlgorithmSetup:
     check_config(run)
     return onpolicy.policy_gradient_setup(run, make_loss_fn(run.model, algo), make_prepare_batch(algo),
                                           use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations,
-                                          num_minibatches=num_minibatches(algo))
+                                          num_minibatches=onpolicy.num_minibatches(algo))

@@ -31,6 +31,23 @@ def _f32(x) -> Array:
     return jnp.asarray(x, dtype=jnp.float32)
 
 
+def _groups(rewards, group_size: int, name: str):
+    """Splits ``[N]`` rewards into contiguous groups: ``(grouped [G, k], valid [G, k], clean [G, k], count [G, 1])``
+    with NaN rewards (not scorable) marked invalid and zeroed in ``clean``; gradient stopped."""
+    rewards = jax.lax.stop_gradient(_f32(rewards))
+    chex.assert_rank(rewards, 1, custom_message=f"{name}: rewards must be [N] (one per completion)")
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"{name}: {rewards.shape[0]} rewards do not split into groups of {group_size}; "
+            "pass all completions of each prompt together."
+        )
+    grouped = rewards.reshape(-1, group_size)
+    valid = ~jnp.isnan(grouped)
+    clean = jnp.where(valid, grouped, 0.0)
+    count = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.float32)
+    return grouped, valid, clean, count
+
+
 def _bool_mask(mask) -> Array:
     """Returns ``mask`` as a bool array (nonzero = real)."""
     mask = jnp.asarray(mask)

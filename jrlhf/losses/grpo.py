@@ -9,7 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jrlhf.losses.common import Array, _bool_mask, _f32, aggregate_loss
+from jrlhf.losses.common import Array, _bool_mask, _f32, _groups, aggregate_loss
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 _AGGREGATION = {
@@ -58,17 +58,7 @@ def grpo_advantages(
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"grpo_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}.")
-    rewards = jax.lax.stop_gradient(_f32(rewards))
-    chex.assert_rank(rewards, 1, custom_message="grpo_advantages: rewards must be [N] (one per completion)")
-    if group_size < 1 or rewards.shape[0] % group_size:
-        raise ValueError(
-            f"grpo_advantages: {rewards.shape[0]} rewards do not split into groups of {group_size}; "
-            "pass all completions of each prompt together."
-        )
-    grouped = rewards.reshape(-1, group_size)
-    valid = ~jnp.isnan(grouped)
-    clean = jnp.where(valid, grouped, 0.0)
-    count = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.float32)
+    grouped, valid, clean, count = _groups(rewards, group_size, "grpo_advantages")
     mean = jnp.sum(clean, axis=1, keepdims=True) / jnp.maximum(count, 1.0)
     centred = jnp.where(valid, clean - mean, 0.0)
     ok = valid & (count > 1)

@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jrlhf.losses.common import Array, _bool_mask, _f32, aggregate_loss, masked_whiten
+from jrlhf.losses.common import Array, _bool_mask, _f32, _groups, aggregate_loss, masked_whiten
 from jrlhf.losses.ppo import kl_penalized_rewards, last_token_mask
 
 
@@ -37,17 +37,7 @@ def rloo_advantages(
     Returns:
       ``[N]`` float32 advantages.
     """
-    rewards = jax.lax.stop_gradient(_f32(rewards))
-    chex.assert_rank(rewards, 1, custom_message="rloo_advantages: rewards must be [N] (one per completion)")
-    if group_size < 1 or rewards.shape[0] % group_size:
-        raise ValueError(
-            f"rloo_advantages: {rewards.shape[0]} rewards do not split into groups of {group_size}; "
-            "pass all completions of each prompt together."
-        )
-    grouped = rewards.reshape(-1, group_size)
-    valid = ~jnp.isnan(grouped)
-    clean = jnp.where(valid, grouped, 0.0)
-    count = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.float32)
+    grouped, valid, clean, count = _groups(rewards, group_size, "rloo_advantages")
     baseline = (jnp.sum(clean, axis=1, keepdims=True) - clean) / jnp.maximum(count - 1.0, 1.0)
     ok = (valid & (count > 1)).reshape(-1)
     advantages = (clean - baseline).reshape(-1)
