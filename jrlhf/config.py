@@ -31,7 +31,8 @@ class ModelSection:
     ``path`` is a local Hugging Face directory (config.json + safetensors), or ``None`` to build a fresh random
     model from ``family`` and ``overrides`` (:class:`jrlhf.models.ModelConfig` fields over
     :func:`jrlhf.models.tiny_config`; ``vocab_size`` defaults to the tokenizer's). ``remat`` is "none", "full",
-    "dots" or "dots_no_batch" (per-layer rematerialisation).
+    "dots" or "dots_no_batch" (per-layer rematerialisation); ``scan_unroll`` the layers per iteration of the scan
+    over layers (1: rolled; the layer count: fully unrolled, faster for shallow models on CPU).
     """
 
     path: str | None = None
@@ -40,6 +41,7 @@ class ModelSection:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1
 
 
 @dataclass

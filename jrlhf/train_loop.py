@@ -63,12 +63,14 @@ def build_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = No
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory '{path}' does not exist (model.path / train.init_from must be "
                                     "a local Hugging Face directory with config.json)")
-        return from_pretrained(path, dtype=dtype, param_dtype=param_dtype, head=head, head_rng=rng, remat=m.remat)
+        return from_pretrained(path, dtype=dtype, param_dtype=param_dtype, head=head, head_rng=rng, remat=m.remat,
+                               scan_unroll=m.scan_unroll)
     overrides = dict(m.overrides)
     overrides.setdefault("vocab_size", len(tokenizer))
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-    config = tiny_config(m.family, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **overrides)
+    config = tiny_config(m.family, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                         scan_unroll=m.scan_unroll, **overrides)
     return init_model(config, rng, head=head)
 
 
@@ -305,7 +307,7 @@ def train(config) -> dict:
             hf_dir = os.path.join(run_dir, "hf_model")
             host = _host_params(state.params if setup.export_params is None else setup.export_params(state.params))
             if main:
-                save_pretrained(model, host, hf_dir)
+                save_pretrained(model, host, hf_dir, head=setup.export_head)
                 tokenizer.save_pretrained(hf_dir)
     ckpt.close()
     writer.close()

@@ -71,6 +71,8 @@ class AlgorithmSetup:
         critic), or ``None`` to train the model's own params.
       param_specs: logical ``PartitionSpec`` pytree of ``params`` (required with ``params``).
       export_params: ``params -> the model's params`` for the Hugging Face export (with ``params``).
+      export_head: the head the Hugging Face export writes (``None``: the model's own; "score" exports only the
+        score model of an ``lm+value`` model).
     """
 
     loss_fn: Callable
@@ -88,6 +90,7 @@ class AlgorithmSetup:
     params: Any = None
     param_specs: Any = None
     export_params: Callable | None = None
+    export_head: str | None = None
 
 
 def completion_logps(model, params, input_ids, attention_mask, loss_mask, *, chunk_size=None, positions=None,

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, load_eval_records, pair_scores, preference_globals,
-                                   tokenize_train)
+from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, load_eval_records, pair_scores,
+                                   preference_globals, tokenize_train)
+from jrlhf.models import sequence_scores
 
 DATA_KIND = "preference"
 
@@ -20,26 +21,53 @@ class Config:
 
     Attributes:
       center_rewards_coefficient: weight of the ``(r_c + r_r)^2`` centring penalty (``None``: off; TRL suggests 0.01).
+      lm_loss_coefficient: weight of a next-token loss on the chosen completions, added to the Bradley-Terry loss
+        (hidden-state regularisation as in Yang et al. 2024, "Regularizing Hidden States Enables Learning
+        Generalizable Reward Models"). ``0`` (default, TRL's reward model): a plain score model. ``> 0`` trains the
+        backbone with both an LM head and the score head; the exported checkpoint is the score model alone.
     """
 
     center_rewards_coefficient: float | None = None
+    lm_loss_coefficient: float = 0.0
 
 
 def head(cfg) -> str:
-    """The trained model's head: a scalar score."""
-    return "score"
+    """The trained model's head: a scalar score, plus the LM head when ``algo.lm_loss_coefficient > 0``."""
+    return "lm+value" if cfg.algo.lm_loss_coefficient > 0 else "score"
+
+
+def _pair_scores_and_nll(model, params, batch, with_lm: bool):
+    """``(chosen [B], rejected [B], chosen completion NLL summed over tokens or None)`` from one forward of the
+    concatenated pairs."""
+    if not with_lm:
+        chosen, rejected = pair_scores(model, params, batch)
+        return chosen, rejected, None
+    ids, attn, loss_mask = concat_pairs(batch)
+    _, token_logps, mask, values = completion_logps(model, params, ids, attn, loss_mask)
+    scores = sequence_scores(values, attn)
+    half = ids.shape[0] // 2
+    nll = -jnp.sum(jnp.where(mask[:half], token_logps[:half], 0.0))
+    return scores[:half], scores[half:], nll
 
 
 def make_loss_fn(model, algo: Config):
     """``loss_fn(params, batch, frozen, ctx)``: mean Bradley-Terry loss over the global pair count; metrics as TRL
     1.16's ``RewardTrainer`` (``accuracy``, ``margin``, ``min_reward``, ``mean_reward``, ``max_reward``). A batch
-    field ``margin [B]`` is used as the required margin when present."""
+    field ``margin [B]`` is used as the required margin when present. With ``algo.lm_loss_coefficient > 0`` (an
+    ``lm+value`` model) the loss adds that weight times the chosen completions' mean token NLL (metric
+    ``lm_loss``)."""
+    with_lm = algo.lm_loss_coefficient > 0
 
     def loss_fn(params, batch, frozen, ctx):
-        chosen, rejected = pair_scores(model, params, batch)
+        chosen, rejected, nll = _pair_scores_and_nll(model, params, batch, with_lm)
         per_example = losses.bradley_terry_loss(chosen, rejected, margin=batch.get("margin"),
                                                 center_rewards_coefficient=algo.center_rewards_coefficient)
         loss = jnp.sum(per_example) / ctx.globals["num_sequences"]
+        extra = {}
+        if with_lm:
+            lm_loss = nll / jnp.maximum(ctx.globals["num_chosen_tokens"], 1.0)
+            loss = loss + algo.lm_loss_coefficient * lm_loss
+            extra["lm_loss"] = lm_loss
         both = jnp.concatenate([chosen, rejected])
         metrics = {
             "accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
@@ -47,6 +75,7 @@ def make_loss_fn(model, algo: Config):
             "min_reward": jnp.min(both),
             "mean_reward": jnp.mean(both),
             "max_reward": jnp.max(both),
+            **extra,
         }
         return loss, metrics
 
@@ -59,7 +88,8 @@ def setup(run) -> AlgorithmSetup:
 
     cfg = run.cfg
     eval_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples)
-    score = jax.jit(lambda params, batch: pair_scores(run.model, params, batch))
+    with_lm = cfg.algo.lm_loss_coefficient > 0
+    score = jax.jit(lambda params, batch: _pair_scores_and_nll(run.model, params, batch, with_lm)[:2])
 
     def evaluate(params, frozen):
         chosen, rejected = preference_scores(lambda b: score(params, b), run.tokenizer, eval_records,
@@ -72,4 +102,5 @@ def setup(run) -> AlgorithmSetup:
         train_data=tokenize_train(run, DATA_KIND),
         prepare_batch=preference_globals,
         evaluate=evaluate if eval_records else None,
+        export_head="score",
     )
