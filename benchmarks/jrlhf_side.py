@@ -109,7 +109,8 @@ def setup(size: BenchSize, path: str, head: str = "lm", mesh=None, algo_state=No
     from jrlhf.sharding import make_mesh, put_global
     from jrlhf.step import OptimizerConfig, init_train_state, make_optimizer
 
-    model, params = from_pretrained(path, dtype=size.dtype, param_dtype="float32", head=head)
+    model, params = from_pretrained(path, dtype=size.dtype, param_dtype="float32", head=head,
+                                    scan_unroll=size.scan_unroll)
     mesh = make_mesh() if mesh is None else mesh
     specs = logical_axes(model)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, max_grad_norm=1.0, weight_decay=0.0),
@@ -312,7 +313,8 @@ def generation(size: BenchSize, paths: dict, prompt_ids: np.ndarray, prompt_mask
     from jrlhf.models import from_pretrained
     from jrlhf.sharding import batch_sharding, make_mesh, put_global, replicated
 
-    model, params = from_pretrained(paths["lm"], dtype=size.dtype, param_dtype="float32")
+    model, params = from_pretrained(paths["lm"], dtype=size.dtype, param_dtype="float32",
+                                    scan_unroll=size.scan_unroll)
     mesh = make_mesh() if mesh is None else mesh
     params = put_global(params, replicated(mesh))
     ids = put_global(np.asarray(prompt_ids, np.int32), batch_sharding(mesh))

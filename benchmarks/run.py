@@ -144,7 +144,7 @@ def _size_dict(size) -> dict:
     return {"name": size.name, "description": size.description, "dtype": size.dtype,
             "batch_size": size.batch_size, "prompt_length": size.prompt_length,
             "completion_length": size.completion_length, "num_generations": size.num_generations,
-            "accelerator": size.accelerator, "hf_config": size.hf_config}
+            "accelerator": size.accelerator, "scan_unroll": size.scan_unroll, "hf_config": size.hf_config}
 
 
 def run_benchmark(name: str, inputs, args, log) -> dict:

@@ -31,6 +31,8 @@ class BenchSize:
       dtype: compute dtype of both systems (``float32`` or ``bfloat16``).
       accelerator: the size is meant for a GPU/TPU (the PyTorch reference then runs on CUDA when present).
       description: one line for the report.
+      scan_unroll: jrlhf's ``ModelConfig.scan_unroll`` (layers per iteration of the scan over layers): the layer
+        count (fully unrolled) for the shallow CPU sizes, 1 (a rolled loop, fastest to compile) for the large ones.
     """
 
     name: str
@@ -42,6 +44,7 @@ class BenchSize:
     dtype: str
     accelerator: bool
     description: str
+    scan_unroll: int = 1
 
     @property
     def sequence_length(self) -> int:
@@ -82,11 +85,13 @@ SIZES: dict[str, BenchSize] = {
     "tiny": BenchSize(
         name="tiny", hf_config=_llama(512, 128, 4, 4, 2, 384), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,
-        description="Llama, hidden 128, 4 layers, 4 heads (2 kv), mlp 384, vocab 512 (0.92M params); 2 CPU cores"),
+        description="Llama, hidden 128, 4 layers, 4 heads (2 kv), mlp 384, vocab 512 (0.92M params); 2 CPU cores",
+        scan_unroll=4),
     "small": BenchSize(
         name="small", hf_config=_llama(8192, 512, 8, 8, 4, 1536), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,
-        description="Llama, hidden 512, 8 layers, 8 heads (4 kv), mlp 1536, vocab 8192 (~34M params); 2 CPU cores"),
+        description="Llama, hidden 512, 8 layers, 8 heads (4 kv), mlp 1536, vocab 8192 (~34M params); 2 CPU cores",
+        scan_unroll=8),
     "gpt2-125m": BenchSize(
         name="gpt2-125m",
         hf_config=dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_inner=3072,

@@ -255,6 +255,34 @@ def test_bf16_compute_and_remat_options(models):
     assert float(jnp.abs(logits - full).max()) < 0.05 * float(jnp.abs(full).max())
 
 
+def test_scan_unroll_changes_nothing_but_the_loop(models):
+    """Unrolled layer scans (2 layers per iteration, fully unrolled) give the rolled scan's logits, gradients and
+    cached decode; the parameters keep the stacked layout."""
+    model, params = models["llama"]
+    ids, mask = left_padded(2, 6)
+
+    def loss(m, p):
+        return jnp.sum(jnp.sin(apply(m, p, ids, mask)))
+
+    ref_value, ref_grads = jax.value_and_grad(lambda p: loss(model, p))(params)
+    for unroll in (2, model.config.num_layers, 99):
+        unrolled = model.clone(config=model.config.replace(scan_unroll=unroll))
+        _, fresh = init_model(unrolled.config, jax.random.key(0))
+        shapes = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)  # noqa: E731
+        assert shapes(fresh) == shapes(params)
+        value, grads = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                               grads, ref_grads)
+        cache = init_cache(unrolled.config, 2, 8)
+        logits, cache = apply(unrolled, params, ids[:, :5], mask[:, :5], cache=cache)
+        last, _ = apply(unrolled, params, ids[:, 5:], mask[:, 5:], cache=cache)
+        np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(apply(model, params, ids, mask)[:, 5]),
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        model.config.replace(scan_unroll=0)
+
+
 def test_dropout_is_off_by_default_and_on_when_asked(models):
     model, params = models["llama"]
     ids, mask = left_padded(2, 6)
