@@ -1,7 +1,7 @@
 """``python -m jrlhf.demo``: the whole pipeline on the shipped addition task, then a table of held-out results.
 
-SFT -> reward model -> PPO against that reward model; DPO, GRPO, RLOO, REINFORCE++ and PPO with the exact-match
-reward from the same SFT model. Every stage is a
+SFT; a reward model (trained from scratch on the preference pairs) and PPO from the SFT model against it; DPO, GRPO,
+RLOO, REINFORCE++ and PPO with the exact-match reward from the same SFT model. Every stage is a
 ``jrlhf train`` run with a shipped config (``jrlhf/configs/*.yaml``); a stage whose run directory already holds a
 finished run is reused, so a second ``make demo`` only prints the table. ``--quick`` runs a few steps of each stage
 (a smoke test of the pipeline, not of the numbers).
@@ -29,7 +29,7 @@ def stages(out: str, quick: bool):
     from_sft = common + [f"train.init_from={sft_model}"]
     return [
         ("sft", "sft", "sft", common),
-        ("reward model", "reward", "reward", from_sft),
+        ("reward model", "reward", "reward", common),
         ("dpo", "dpo", "dpo", from_sft),
         ("grpo", "grpo", "grpo", from_sft),
         ("rloo", "rloo", "rloo", from_sft),
