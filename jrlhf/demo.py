@@ -36,7 +36,7 @@ def stages(out: str, quick: bool):
         ("reinforce++", "reinforce_pp", "reinforce_pp", from_sft),
         ("ppo (exact-match reward)", "ppo", "ppo", from_sft),
         ("ppo (learned reward model)", "ppo_rm", "ppo", from_sft + [f"algo.reward_model={rm_model}",
-                                                                   "algo.reward_funcs=[]"]),
+                                                                   "algo.reward_funcs=[]", "algo.whiten_rewards=true"]),
     ]
 
 

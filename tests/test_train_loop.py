@@ -142,3 +142,22 @@ def test_plot_makes_a_png_from_a_run_directory(tmp_path, sft_file):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["plot", str(tmp_path / "not_a_run")]) == 2
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys):
+    from jrlhf import demo
+
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--quick"]) == 0
+    rows = json.load(open(out / "results.json"))
+    assert [r["stage"] for r in rows] == ["sft", "reward model", "dpo", "grpo", "rloo", "reinforce++",
+                                          "ppo (exact-match reward)", "ppo (learned reward model)"]
+    assert 0.0 <= rows[1]["eval"]["accuracy"] <= 1.0
+    for r in rows[3:]:
+        assert 0.0 <= r["eval"]["exact_match"] <= 1.0
+    # the reward model is a score model transformers loads; PPO used it
+    import transformers
+
+    transformers.AutoModelForSequenceClassification.from_pretrained(out / "reward" / "hf_model")
+    assert "| reward model |" in capsys.readouterr().out
