@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scaling-benchmarks", default="dpo_step", help="jrlhf steps run on the simulated meshes")
     parser.add_argument("--subprocess-timeout", type=int, default=900, help="seconds per subprocess")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan-unroll", type=int, default=None,
+                        help="jrlhf's layers per scan iteration (default: the size's, see benchmarks/sizes.py)")
     args = parser.parse_args(argv)
     args.names = cases.parse_benchmarks(args.benchmarks)
     args.scaling_names = cases.parse_benchmarks(args.scaling_benchmarks)
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     size = get_size(args.size)
     if args.repeats is None:
         args.repeats = DEFAULT_REPEATS.get(size.name, 20)
+    if args.scan_unroll is not None and args.scan_unroll < 1:
+        parser.error("--scan-unroll must be >= 1")
     for name in ("warmup", "repeats", "threads", "memory_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -205,7 +209,7 @@ def _subprocess(argv: list, timeout: int, log) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    size = get_size(args.size)
+    size = get_size(args.size, scan_unroll=args.scan_unroll)
     env_vars = env.configure(args.threads, platform=None if size.accelerator else "cpu", pin=not size.accelerator)
     quiet_libraries()
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -253,7 +257,8 @@ def main(argv=None) -> int:
                 result["memory"][system] = _subprocess(
                     ["memory", "--system", system, "--size", size.name, "--checkpoint", checkpoint,
                      "--benchmarks", ",".join(args.names), "--steps", str(args.memory_steps),
-                     "--threads", str(args.threads), "--seed", str(args.seed)]
+                     "--threads", str(args.threads), "--seed", str(args.seed),
+                     "--scan-unroll", str(size.scan_unroll)]
                     + ([] if size.accelerator else ["--platform", "cpu"]), args.subprocess_timeout, log)
             report.write(result, args.out, stem)
         if not args.no_scaling:
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
                 result["scaling"].append(_subprocess(
                     ["scaling", "--devices", str(devices), "--size", size.name, "--checkpoint", checkpoint,
                      "--benchmarks", ",".join(args.scaling_names), "--steps", "3", "--threads", str(args.threads),
-                     "--seed", str(args.seed)], args.subprocess_timeout, log))
+                     "--seed", str(args.seed), "--scan-unroll", str(size.scan_unroll)], args.subprocess_timeout, log))
                 result["scaling"][-1].setdefault("devices", devices)
     paths = report.write(result, args.out, stem)
     log("")

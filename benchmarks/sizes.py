@@ -111,11 +111,13 @@ SIZES: dict[str, BenchSize] = {
 }
 
 
-def get_size(name: str) -> BenchSize:
-    """The :class:`BenchSize` called ``name``; an unknown name is an error listing the valid ones."""
+def get_size(name: str, scan_unroll: int | None = None) -> BenchSize:
+    """The :class:`BenchSize` called ``name`` (with ``scan_unroll`` replaced unless ``None``); an unknown name is an
+    error listing the valid ones."""
     if name not in SIZES:
         raise ValueError(f"--size {name!r} is not defined; choose one of {', '.join(SIZES)}")
-    return SIZES[name]
+    size = SIZES[name]
+    return size if scan_unroll is None else size.replace(scan_unroll=scan_unroll)
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs

@@ -97,7 +97,7 @@ def memory(args) -> dict:
         from benchmarks.env import configure_torch
 
         configure_torch(args.threads)
-    size = get_size(args.size)
+    size = get_size(args.size, scan_unroll=args.scan_unroll)
     inputs = cases.make_inputs(size, _paths(args.checkpoint), args.seed)
     baseline = _status_kib("VmRSS")
     results = []
@@ -135,7 +135,7 @@ def scaling(args) -> dict:
     from benchmarks.sizes import get_size
     from jrlhf.sharding import make_mesh
 
-    size = get_size(args.size)
+    size = get_size(args.size, scan_unroll=args.scan_unroll)
     if jax.device_count() != args.devices:
         raise RuntimeError(f"expected {args.devices} devices, jax sees {jax.device_count()}")
     inputs = cases.make_inputs(size, _paths(args.checkpoint), args.seed)
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan-unroll", type=int, default=None, help="jrlhf's layers per scan iteration")
     parser.add_argument("--platform", default=None, help="JAX_PLATFORMS value (e.g. cpu)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
