@@ -103,6 +103,17 @@ def test_unknown_size_and_benchmark_are_named_in_the_error():
         cases.parse_benchmarks("dpo_step,dpo")
 
 
+def test_scan_unroll_per_size_and_override():
+    assert get_size("tiny").scan_unroll == 4 and get_size("small").scan_unroll == 8
+    assert get_size("qwen2-0.5b").scan_unroll == 1
+    assert get_size("tiny", scan_unroll=1).scan_unroll == 1
+    from benchmarks.run import parse_args
+
+    assert parse_args(["--scan-unroll", "2"]).scan_unroll == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--scan-unroll", "0"])
+
+
 def test_tokenizer_round_trips_the_word_text():
     tokenizer = bdata.build_tokenizer(64)
     ids = [5, 63, 4, 17]

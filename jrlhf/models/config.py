@@ -52,6 +52,8 @@ class ModelConfig:
     attention). ``scan_unroll`` is how many layers one iteration of the scan over layers runs: 1 (default) keeps a
     rolled loop (compile time independent of depth), ``num_layers`` unrolls it fully, which is faster for shallow
     models on CPU (no per-iteration buffer copies); the parameters keep their stacked ``[L, ...]`` layout either way.
+    It applies to forward passes without a KV cache (training, scoring); the sampler's cached passes keep the rolled
+    loop, which updates the cache in place.
     Dropout is off unless ``dropout_rate`` / ``attention_dropout_rate`` are set and the forward pass is
     called with ``deterministic=False``.
     """
