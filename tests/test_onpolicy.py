@@ -341,3 +341,30 @@ def test_reward_sources_are_weighted_and_none_is_left_out():
 def test_frac_reward_zero_std_counts_constant_groups():
     values = np.array([1.0, 1.0, 0.0, 1.0, np.nan, 2.0, 0.5, 0.5], np.float32)
     np.testing.assert_array_equal(onpolicy.group_std_is_zero(values, 2), [True, False, False, True])
+
+
+@pytest.mark.parametrize("head", ["lm", "lm+value"])
+def test_completion_forward_matches_full_logits_in_numpy(head):
+    """The LM head runs on the completion positions only: same log-probs, entropies and values as the full logits."""
+    from jrlhf.models import init_model, tiny_config
+
+    config = tiny_config("llama", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         initializer_range=0.3)
+    model, params = init_model(config, jax.random.PRNGKey(3), head=head)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 48, (3, 9)), jnp.int32)
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 0], [1] * 9, [0, 0, 0, 0, 1, 1, 1, 0, 0]], jnp.int32)
+    n, temperature = 4, 0.7
+    logps, entropies, values = onpolicy.completion_forward(model, params, ids, mask, n, temperature=temperature)
+    out = model.apply(params, ids, mask)
+    full, full_values = (out if head == "lm+value" else (out, None))
+    logits = np.asarray(full, np.float64)[:, -n - 1:-1] / temperature
+    logp_all = logits - logits.max(-1, keepdims=True)
+    logp_all = logp_all - np.log(np.exp(logp_all).sum(-1, keepdims=True))
+    expected = np.take_along_axis(logp_all, np.asarray(ids)[:, -n:, None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(logps), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropies), -(np.exp(logp_all) * logp_all).sum(-1), atol=1e-5)
+    if head == "lm+value":
+        np.testing.assert_allclose(np.asarray(values), np.asarray(full_values)[:, -n - 1:-1], atol=1e-6)
+    else:
+        assert values is None

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf import distributed, losses, sampling
 from jrlhf.config import ConfigError
-from jrlhf.models import (build_model, logical_axes, sequence_scores, token_logprobs_from_hidden,
+from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_logprobs_from_hidden,
                           token_logprobs_from_logits, unembedding_matrix)
 from jrlhf.sharding import BATCH_AXES, mesh_axis_size, put_global
 
@@ -211,18 +211,18 @@ def completion_forward(model, params, input_ids, attention_mask, num_completion_
     start = input_ids.shape[1] - n - 1
     targets = input_ids[:, start + 1:]
     entropies = None
+    # the LM head runs on the completion positions only (the prompt positions' logits are never used)
+    out = model.apply(params, input_ids, attention_mask, return_hidden=True)
+    hidden, values = out if model.head == "lm+value" else (out, None)
+    hidden = hidden[:, start:-1]
     if chunk_size is None:
-        out = model.apply(params, input_ids, attention_mask)
-        logits, values = out if model.head == "lm+value" else (out, None)
-        logits = logits[:, start:-1]
+        logits = logits_from_hidden(hidden, unembedding_matrix(model, params))
         logps = token_logprobs_from_logits(logits, targets, temperature)
         if with_entropy:
             entropies = losses.entropy_from_logits(logits, temperature=temperature)
     else:
-        out = model.apply(params, input_ids, attention_mask, return_hidden=True)
-        hidden, values = out if model.head == "lm+value" else (out, None)
-        logps = token_logprobs_from_hidden(hidden[:, start:-1], unembedding_matrix(model, params), targets,
-                                           chunk_size, temperature)
+        logps = token_logprobs_from_hidden(hidden, unembedding_matrix(model, params), targets, chunk_size,
+                                           temperature)
     if values is not None:
         values = values[:, start:-1].astype(jnp.float32)
     return logps, entropies, values

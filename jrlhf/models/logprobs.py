@@ -21,6 +21,13 @@ def unembedding_matrix(model, params) -> Array:
     return p["embed"]["embedding"] if model.config.tie_word_embeddings else p["lm_head"]
 
 
+def logits_from_hidden(hidden: Array, unembedding: Array) -> Array:
+    """``hidden [B, T, H]`` (final-normed, e.g. ``model.apply(..., return_hidden=True)`` sliced to the positions
+    that need logits) times ``unembedding [V, H]`` transposed -> ``[B, T, V]`` float32 logits, exactly as the model's
+    LM head computes them (matmul in the hidden's dtype, float32 accumulation)."""
+    return dense_transposed(hidden, unembedding.astype(hidden.dtype), out_dtype=jnp.float32)
+
+
 def token_logprobs_from_hidden(hidden: Array, unembedding: Array, targets: Array, chunk_size: int = 8192,
                                temperature: float = 1.0) -> Array:
     """``log softmax(hidden @ unembedding.T / temperature)[targets]`` without building ``[B, T, V]``.
