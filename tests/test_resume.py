@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from jrlhf.data import load_records, write_jsonl
 
-STEPS = 16
+STEPS = 400  # long enough that SIGTERM always lands mid-run, however fast the machine
 
 
 def _config(tmp_path, name):
