@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 import jrlhf
@@ -93,3 +94,10 @@ def test_lm_regularised_run_exports_a_score_model_transformers_loads(tmp_path):
     assert summary["eval"]["num_examples"] == len(data.examples) == 64
     np.testing.assert_allclose(summary["eval"]["margin"], np.mean(scores["chosen"] - scores["rejected"]), atol=1e-4)
     assert summary["eval"]["accuracy"] == np.mean(scores["chosen"] > scores["rejected"])
+
+
+def test_negative_lm_loss_coefficient_is_a_config_error():
+    from jrlhf.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="algo.lm_loss_coefficient"):
+        load_config("builtin:reward", ["algo.lm_loss_coefficient=-1"], algorithm="reward")

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, load_eval_records, pair_scores,
-                                   preference_globals, tokenize_train)
-from jrlhf.models import sequence_scores
+from jrlhf.config import ConfigError
+from jrlhf.algorithms.base import (AlgorithmSetup, concat_pairs, load_eval_records, pair_scores, preference_globals,
+                                   tokenize_train)
+from jrlhf.models import logits_from_hidden, sequence_scores, token_logprobs_from_logits, unembedding_matrix
 
 DATA_KIND = "preference"
 
@@ -30,6 +31,11 @@ class Config:
     center_rewards_coefficient: float | None = None
     lm_loss_coefficient: float = 0.0
 
+    def __post_init__(self):
+        if self.lm_loss_coefficient < 0:
+            raise ConfigError(f"algo.lm_loss_coefficient={self.lm_loss_coefficient}: must be >= 0 (0 turns the "
+                             "next-token regulariser off)")
+
 
 def head(cfg) -> str:
     """The trained model's head: a scalar score, plus the LM head when ``algo.lm_loss_coefficient > 0``."""
@@ -37,16 +43,20 @@ def head(cfg) -> str:
 
 
 def _pair_scores_and_nll(model, params, batch, with_lm: bool):
-    """``(chosen [B], rejected [B], chosen completion NLL summed over tokens or None)`` from one forward of the
-    concatenated pairs."""
+    """``(chosen [B], rejected [B], chosen completion NLL summed over tokens (f32 scalar) or None)`` from one
+    forward of the concatenated pairs; the LM head runs on the chosen rows only."""
     if not with_lm:
         chosen, rejected = pair_scores(model, params, batch)
         return chosen, rejected, None
-    ids, attn, loss_mask = concat_pairs(batch)
-    _, token_logps, mask, values = completion_logps(model, params, ids, attn, loss_mask)
+    ids, attn, _ = concat_pairs(batch)
+    hidden, values = model.apply(params, ids, attn, return_hidden=True)
     scores = sequence_scores(values, attn)
     half = ids.shape[0] // 2
-    nll = -jnp.sum(jnp.where(mask[:half], token_logps[:half], 0.0))
+    chosen_ids = batch["chosen_input_ids"]
+    logits = logits_from_hidden(hidden[:half, :-1], unembedding_matrix(model, params))
+    token_logps = token_logprobs_from_logits(logits, chosen_ids[:, 1:])
+    mask = batch["chosen_loss_mask"][:, 1:] > 0
+    nll = -jnp.sum(jnp.where(mask, token_logps, 0.0))
     return scores[:half], scores[half:], nll
 
 
