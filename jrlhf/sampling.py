@@ -49,7 +49,10 @@ from jrlhf.errors import JrlhfError
 from jrlhf.sharding import BATCH_AXES, put_global
 
 Array = jax.Array
-_Tracer = jax.core.Tracer
+try:  # the public alias; kept working should a jax release drop it from jax.core
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
 
 __all__ = ["SampleOutput", "SamplingError", "generate", "filter_logits"]
 
