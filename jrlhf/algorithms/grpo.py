@@ -129,10 +129,7 @@ def make_loss_fn(model, algo: Config, num_microbatches: int = 1):
     0), ``entropy``, ``clip_ratio/*`` (``cispo_clip_ratio`` for cispo)."""
 
     def loss_fn(params, batch, frozen, ctx):
-        n, _ = onpolicy.completion_part(batch)
-        logps, entropies, _ = onpolicy.completion_forward(model, params, batch["input_ids"], batch["attention_mask"],
-                                                          n, temperature=algo.temperature,
-                                                          chunk_size=algo.logprob_chunk_size)
+        _, logps, entropies, _ = onpolicy.rollout_forward(model, params, batch, algo)
         return policy_loss(logps, batch, algo, ctx, num_microbatches, entropies)
 
     return loss_fn

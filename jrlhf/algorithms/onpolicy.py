@@ -234,6 +234,25 @@ def completion_part(batch: dict) -> tuple[int, jax.Array]:
     return n, batch["loss_mask"][:, -n:] > 0
 
 
+def rollout_forward(model, params, batch: dict, rollout) -> tuple:
+    """:func:`completion_forward` of a rollout (mini-)batch with the ``temperature`` and ``logprob_chunk_size`` of
+    ``rollout`` (a :class:`RolloutConfig`): ``(mask [B, N] bool, logps [B, N] f32, entropies [B, N] f32 or None,
+    values [B, N] f32 or None)``."""
+    n, mask = completion_part(batch)
+    logps, entropies, values = completion_forward(model, params, batch["input_ids"], batch["attention_mask"], n,
+                                                  temperature=rollout.temperature,
+                                                  chunk_size=rollout.logprob_chunk_size)
+    return mask, logps, entropies, values
+
+
+def scorable_scores(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(scores [B] f32 with NaN -> 0, completion mask [B, N] bool without the rows no reward applies to)``."""
+    _, mask = completion_part(batch)
+    scores = batch["scores"].astype(jnp.float32)
+    scorable = ~jnp.isnan(scores)
+    return jnp.where(scorable, scores, 0.0), mask & scorable[:, None]
+
+
 def group_std_is_zero(values: np.ndarray, group_size: int) -> np.ndarray:
     """``[N / group_size]`` bool: whether each group's (NaN-excluded, Bessel) std is zero (TRL's
     ``frac_reward_zero_std``; a group with fewer than two scorable rewards has an undefined std: False)."""

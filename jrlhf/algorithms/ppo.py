@@ -106,11 +106,7 @@ def rollout_advantages(batch: dict, kl_coef, algo: Config):
     """GAE of one rollout: ``(advantages [R, N], returns [R, N], trained mask [R, N], per-token KL [R, N])``.
 
     Completions that no reward applies to (NaN score) are masked out."""
-    _, mask = onpolicy.completion_part(batch)
-    scores = batch["scores"].astype(jnp.float32)
-    scorable = ~jnp.isnan(scores)
-    mask = mask & scorable[:, None]
-    scores = jnp.where(scorable, scores, 0.0)
+    scores, mask = onpolicy.scorable_scores(batch)
     rewards, kl = losses.kl_penalized_rewards(scores, batch["old_logps"], batch["ref_logps"], mask, kl_coef=kl_coef,
                                               kl_kind=algo.kl_estimator)
     if algo.whiten_rewards:
@@ -151,14 +147,11 @@ def make_loss_fn(model, algo: Config, critic_model=None):
     ``kl_coef`` and ``entropy``."""
 
     def loss_fn(params, batch, frozen, ctx):
-        n, mask = onpolicy.completion_part(batch)
-        ids, attention = batch["input_ids"], batch["attention_mask"]
         policy = params if critic_model is None else params["policy"]
-        logps, entropies, values = onpolicy.completion_forward(model, policy, ids, attention, n,
-                                                               temperature=algo.temperature,
-                                                               chunk_size=algo.logprob_chunk_size)
+        mask, logps, entropies, values = onpolicy.rollout_forward(model, policy, batch, algo)
         if critic_model is not None:
-            values = critic_values(critic_model, params["critic"], ids, attention, n)
+            values = critic_values(critic_model, params["critic"], batch["input_ids"], batch["attention_mask"],
+                                   mask.shape[1])
         normalizer = jnp.maximum(ctx.globals["num_tokens"], 1.0)
         pg_loss, metrics = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
                                                   clip_eps=algo.cliprange, normalizer=normalizer)

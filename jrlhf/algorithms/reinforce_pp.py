@@ -76,11 +76,7 @@ def check_config(run) -> None:
 
 def advantages(batch: dict, algo: Config):
     """``(advantages [R, N], returns [R, N], trained mask [R, N], per-token KL [R, N] or None)`` of a rollout."""
-    _, mask = onpolicy.completion_part(batch)
-    scores = batch["scores"].astype(jnp.float32)
-    scorable = ~jnp.isnan(scores)
-    mask = mask & scorable[:, None]
-    scores = jnp.where(scorable, scores, 0.0)
+    scores, mask = onpolicy.scorable_scores(batch)
     use_kl = algo.kl_coef != 0.0
     adv, returns = losses.reinforce_pp_advantages(
         scores, mask, logps=batch["old_logps"] if use_kl else None, ref_logps=batch["ref_logps"] if use_kl else None,
@@ -117,10 +113,7 @@ def make_loss_fn(model, algo: Config):
     ``entropy``, ``critic/advantages/mean``, ``critic/returns/mean`` and ``kl`` (kl_coef > 0)."""
 
     def loss_fn(params, batch, frozen, ctx):
-        n, mask = onpolicy.completion_part(batch)
-        logps, entropies, _ = onpolicy.completion_forward(model, params, batch["input_ids"], batch["attention_mask"],
-                                                          n, temperature=algo.temperature,
-                                                          chunk_size=algo.logprob_chunk_size)
+        mask, logps, entropies, _ = onpolicy.rollout_forward(model, params, batch, algo)
         loss, metrics = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
                                                clip_eps=algo.epsilon, clip_eps_high=algo.epsilon_high,
                                                normalizer=jnp.maximum(ctx.globals["num_tokens"], 1.0))

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.config import ConfigError
 from jrlhf.algorithms.base import (AlgorithmSetup, concat_pairs, load_eval_records, pair_scores, preference_globals,
                                    tokenize_train)
+from jrlhf.config import ConfigError
 from jrlhf.models import logits_from_hidden, sequence_scores, token_logprobs_from_logits, unembedding_matrix
 
 DATA_KIND = "preference"
@@ -52,11 +52,9 @@ def _pair_scores_and_nll(model, params, batch, with_lm: bool):
     hidden, values = model.apply(params, ids, attn, return_hidden=True)
     scores = sequence_scores(values, attn)
     half = ids.shape[0] // 2
-    chosen_ids = batch["chosen_input_ids"]
     logits = logits_from_hidden(hidden[:half, :-1], unembedding_matrix(model, params))
-    token_logps = token_logprobs_from_logits(logits, chosen_ids[:, 1:])
-    mask = batch["chosen_loss_mask"][:, 1:] > 0
-    nll = -jnp.sum(jnp.where(mask, token_logps, 0.0))
+    token_logps = token_logprobs_from_logits(logits, batch["chosen_input_ids"][:, 1:])
+    nll = -losses.masked_sum(token_logps, batch["chosen_loss_mask"][:, 1:] > 0)
     return scores[:half], scores[half:], nll
 
 

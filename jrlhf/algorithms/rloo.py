@@ -102,10 +102,7 @@ def make_loss_fn(model, algo: Config):
     normalised by the mini-batch's sequence count; metrics ``entropy``, ``clip_ratio/*`` and ``kl`` (beta > 0)."""
 
     def loss_fn(params, batch, frozen, ctx):
-        n, mask = onpolicy.completion_part(batch)
-        logps, entropies, _ = onpolicy.completion_forward(model, params, batch["input_ids"], batch["attention_mask"],
-                                                          n, temperature=algo.temperature,
-                                                          chunk_size=algo.logprob_chunk_size)
+        mask, logps, entropies, _ = onpolicy.rollout_forward(model, params, batch, algo)
         seq = losses.masked_sum(logps, mask, axis=-1)
         old_seq = losses.masked_sum(batch["old_logps"], mask, axis=-1)
         loss, metrics = losses.rloo_loss(seq, old_seq, batch["advantages"], epsilon_low=algo.epsilon,

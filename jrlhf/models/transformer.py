@@ -28,7 +28,8 @@ import numpy as np
 from jax import lax
 
 from jrlhf.models.config import HEADS, ModelConfig
-from jrlhf.models.ops import attention, dense, dense_transposed
+from jrlhf.models.logprobs import logits_from_hidden
+from jrlhf.models.ops import attention, dense
 
 Array = jax.Array
 _NEG = float(np.finfo(np.float32).min)
@@ -121,12 +122,7 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0, mode="clip").astype(self.config.dtype)
 
     def attend(self, hidden: Array) -> Array:
-        return _unembed(hidden, self.embedding)
-
-
-def _unembed(hidden: Array, weight: Array) -> Array:
-    """``[B, T, H] x [V, H] -> [B, T, V]`` float32 logits."""
-    return dense_transposed(hidden, weight.astype(hidden.dtype), out_dtype=jnp.float32)
+        return logits_from_hidden(hidden, self.embedding)
 
 
 def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -398,7 +394,7 @@ class _DecoderModel(nn.Module):
                 outputs.append(embed.attend(hidden))
             else:
                 w = _param(self, "lm_head", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-                outputs.append(_unembed(hidden, w))
+                outputs.append(logits_from_hidden(hidden, w))
         if self.head in ("value", "score", "lm+value"):
             w = _param(self, "score", (c.hidden_size, 1), ("embed", None))
             values = jnp.einsum("bth,h->bt", hidden.astype(jnp.float32), w[:, 0].astype(jnp.float32))
