@@ -46,7 +46,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training/eval data and tokenisation."""
+    """Training/eval data and tokenisation.
+
+    ``eval_stop_token_ids``: token ids that end a generated eval completion, besides every EOS id of the model's
+    ``config.json`` / ``generation_config.json`` and the tokenizer's (:func:`jrlhf.evaluation.run_stop_token_ids`).
+    """
 
     train: str = "builtin:addition/sft_train.jsonl"
     eval: str | None = None
@@ -64,6 +68,7 @@ class DataSection:
     packing: bool = False
     shuffle: bool = True
     max_eval_examples: int | None = None
+    eval_stop_token_ids: tuple = ()
 
 
 @dataclass

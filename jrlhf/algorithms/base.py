@@ -171,18 +171,21 @@ def load_eval_records(source: str | None, limit: int | None = None):
     return load_records(source, limit=limit)
 
 
-def generation_eval(run: RunContext, records, model=None):
-    """An ``evaluate(params, frozen)`` that scores greedy completions of ``records`` with ``data.eval_reward``."""
-    from jrlhf.evaluation import reward_accuracy
+def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):
+    """An ``evaluate(params, frozen)`` that scores greedy completions of ``records`` with ``data.eval_reward``;
+    a completion ends at any id of :func:`jrlhf.evaluation.run_stop_token_ids` (the model's EOS ids,
+    ``data.eval_stop_token_ids`` and ``stop_token_ids``)."""
+    from jrlhf.evaluation import reward_accuracy, run_stop_token_ids
     from jrlhf.rewards import get_reward_fn
 
     cfg = run.cfg
     reward_fn = get_reward_fn(cfg.data.eval_reward)
+    stop_ids = run_stop_token_ids(run, tuple(cfg.data.eval_stop_token_ids) + tuple(stop_token_ids))
     model = model or run.model
 
     def evaluate(params, frozen):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
                                max_new_tokens=cfg.data.eval_max_new_tokens, batch_size=cfg.data.eval_batch_size,
-                               max_prompt_length=cfg.data.max_prompt_length)
+                               max_prompt_length=cfg.data.max_prompt_length, eos_token_id=stop_ids)
 
     return evaluate

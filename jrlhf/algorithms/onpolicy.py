@@ -22,7 +22,8 @@ The rollout batch (every array's leading dimension is ``R = batch_size * num_gen
 * ``ref_logps`` ``[R, N]`` float32 (when a reference is used): the reference's log-probs, same temperature;
 * ``old_values`` ``[R, N]`` float32 (PPO): the critic's value of the state before each completion token;
 * ``scores`` ``[R]`` float32: the combined sequence reward (NaN where no reward applies to a sample);
-* ``truncated`` ``[R]`` int32: 1 when the completion hit ``max_completion_length`` without EOS.
+* ``truncated`` ``[R]`` int32: 1 when the completion hit ``max_completion_length`` without EOS (any id of
+  :func:`jrlhf.evaluation.run_stop_token_ids`).
 
 Completion-frame arrays ``[R, N]`` pair with ``loss_mask[:, P:]``; the policy's log-prob of completion token ``j``
 comes from the logits at position ``P + j - 1``.
@@ -40,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf import distributed, losses, sampling
 from jrlhf.config import ConfigError
+from jrlhf.evaluation import run_stop_token_ids
 from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_logprobs_from_hidden,
                           token_logprobs_from_logits, unembedding_matrix)
 from jrlhf.sharding import BATCH_AXES, mesh_axis_size, put_global
@@ -60,6 +62,10 @@ class RolloutConfig:
       temperature: sampling temperature (> 0); the training log-probs use the same ``logits / temperature``.
       top_p: nucleus sampling mass (1 = off).
       top_k: top-k sampling (0 = off).
+      stop_token_ids: token ids that end a completion (kept in it, like EOS), besides every EOS id of the model's
+        ``config.json`` / ``generation_config.json`` and the tokenizer's, which always do
+        (:func:`jrlhf.evaluation.run_stop_token_ids`; vLLM's ``SamplingParams.stop_token_ids``). Held-out
+        generation during training stops at them too.
       mask_truncated_completions: completions that hit ``max_completion_length`` without EOS get no loss (their
         rewards still enter the group statistics, as in TRL).
       reward_funcs: reward functions by registered name (:func:`jrlhf.rewards.get_reward_fn`), or mappings
@@ -78,6 +84,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop_token_ids: tuple = ()
     mask_truncated_completions: bool = False
     reward_funcs: tuple = ()
     reward_weights: tuple | None = None
@@ -307,6 +314,7 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
     algo, mesh, tokenizer = run.cfg.algo, run.mesh, run.tokenizer
     n_gen = int(algo.num_generations)
     n_tokens = completion_length(run)
+    stop_ids = run_stop_token_ids(run, algo.stop_token_ids)
     temperature = float(algo.temperature)
     lm = lm_view(run.model)
     reward_model = rewards.model
@@ -345,7 +353,7 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
         params = collector.policy_params(state.params)
         sample = sampling.generate(lm, params, prompt_ids, prompt_mask, rng, max_new_tokens=n_tokens,
                                    num_samples=n_gen, temperature=temperature, top_k=int(algo.top_k),
-                                   top_p=float(algo.top_p), eos_token_id=tokenizer.eos_token_id,
+                                   top_p=float(algo.top_p), eos_token_id=stop_ids,
                                    pad_token_id=tokenizer.pad_token_id, mesh=mesh)
         rows = sample.tokens.shape[0]
         device, rm_scores = forward_jit(state.params, frozen, prompt_ids, prompt_mask, sample.tokens, sample.mask,
@@ -480,7 +488,7 @@ def make_evaluate(run, policy_params: Callable = lambda params: params):
     if not cfg.data.eval_prompts:
         return None
     records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
-    inner = generation_eval(run, records, model=lm_view(run.model))
+    inner = generation_eval(run, records, model=lm_view(run.model), stop_token_ids=run.cfg.algo.stop_token_ids)
 
     def evaluate(params, frozen):
         return inner(policy_params(params), frozen)

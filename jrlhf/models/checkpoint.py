@@ -110,6 +110,51 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _eos_entries(value, where: str) -> list:
+    """The ids of one ``eos_token_id`` entry (None, an int or a list of ints); ValueError naming ``where``."""
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{where}: eos_token_id must be a token id >= 0 or a list of them, got {value!r}")
+    return [int(v) for v in values]
+
+
+def eos_token_ids(path: Optional[str] = None, *, tokenizer: Any = None, model_config: Any = None,
+                  extra: Any = ()) -> tuple:
+    """Every token id that ends a completion of a model: the one place jrlhf collects them.
+
+    The union, in this order and without repeats, of the ``eos_token_id`` entries (an id or a list of ids) of
+    ``path/config.json`` and ``path/generation_config.json`` (either file may be absent), of ``model_config``
+    (a :class:`ModelConfig` or anything with ``eos_token_id``), of ``tokenizer.eos_token_id``, and of ``extra``
+    (a user's ``stop_token_ids``). ``transformers.generate`` stops at every id of the generation config, which
+    (for Qwen2/Qwen3-Instruct, Gemma 3, Phi...) lists more than the tokenizer's EOS, e.g. an end-of-turn token.
+
+    Returns:
+      A tuple of ints (possibly empty), the ``eos_token_id`` argument of :func:`jrlhf.sampling.generate`.
+
+    Raises:
+      ValueError: an entry that is not a token id ``>= 0`` (or a list of them), naming the file or argument.
+    """
+    ids: list = []
+    if path:
+        for filename in ("config.json", GENERATION_CONFIG):
+            file_path = os.path.join(path, filename)
+            if os.path.isfile(file_path):
+                with open(file_path) as f:
+                    ids += _eos_entries(json.load(f).get("eos_token_id"), file_path)
+    if model_config is not None:
+        ids += _eos_entries(getattr(model_config, "eos_token_id", None), "the model config")
+    if tokenizer is not None:
+        ids += _eos_entries(getattr(tokenizer, "eos_token_id", None), "the tokenizer")
+    ids += _eos_entries(list(extra) if extra is not None else None, "stop_token_ids")
+    return tuple(dict.fromkeys(ids))
+
+
 def from_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, head: str = "lm",
                     head_rng: Optional[jax.Array] = None, shardings: Any = None, strict: bool = True,
                     **config_overrides):
