@@ -34,7 +34,7 @@ from jrlhf.train_loop import build_model  # noqa: E402
 
 VOCAB = 104          # the shipped character tokenizer
 TOKENIZER_EOS = 2    # its <|eos|>
-END_OF_TURN = 4      # <|system|>: the second EOS id the generation config declares
+END_OF_TURN = 12     # "#": the second EOS id the generation config declares (an end-of-turn token)
 PROMPT_LEN = 12
 COMPLETION = 6
 
@@ -127,7 +127,7 @@ def test_generation_stops_at_the_second_eos_like_transformers(emit_later):
 @pytest.fixture(scope="module")
 def end_of_turn_emitter(tmp_path_factory):
     """Folders of a random Llama made to emit END_OF_TURN at every step (probability ~1 even at temperature 1):
-    ``{"two_eos": generation config [2, 4], "one_eos": generation config 2}``."""
+    ``{"two_eos": generation config [2, 12], "one_eos": generation config 2}``."""
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(_llama_config())
     with torch.no_grad():
@@ -145,7 +145,8 @@ SEEN: dict = {"rollout": [], "eval": []}
 
 def _recording_reward(kind):
     def reward(prompts, completions, completion_ids, **kwargs):
-        SEEN[kind].append([list(map(int, ids)) for ids in completion_ids])
+        # evaluation passes no ids: the decoded text shows where the completion ended
+        SEEN[kind].append(list(completions) if kind == "eval" else [list(map(int, ids)) for ids in completion_ids])
         return [0.0] * len(completions)
 
     reward.__name__ = f"stop_test_{kind}"
@@ -212,7 +213,7 @@ def test_rollout_and_eval_stop_at_the_second_id(end_of_turn_emitter, tmp_path, s
     rows = 8
     # every completion is the single end-of-turn token: ended, not truncated
     assert rollout_ids == [[END_OF_TURN]] * rows
-    assert eval_ids == [[END_OF_TURN]] * 8
+    assert eval_ids == ["#"] * 8
     np.testing.assert_array_equal(np.asarray(batch["truncated"]), np.zeros(rows))
     assert metrics["completions/clipped_ratio"] == 0.0 and metrics["completions/mean_length"] == 1.0
     # the masks end at it: one completion token attended to and trained on, then padding
@@ -226,7 +227,7 @@ def test_without_the_second_id_completions_run_to_the_limit(end_of_turn_emitter,
     """The same model with only the tokenizer's EOS: what every checkpoint with two EOS ids got before."""
     _, batch, metrics, rollout_ids, eval_ids = _rollout_and_eval(end_of_turn_emitter["one_eos"], tmp_path)
     assert rollout_ids == [[END_OF_TURN] * COMPLETION] * 8
-    assert eval_ids == [[END_OF_TURN] * 5] * 8
+    assert eval_ids == ["#####"] * 8
     assert metrics["completions/clipped_ratio"] == 1.0
 
 
