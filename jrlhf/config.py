@@ -46,20 +46,35 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training/eval data and tokenisation."""
+    """Training/eval data and tokenisation.
+
+    ``tokenizer``: ``None`` (default) is the model's own: the tokenizer files in ``train.init_from`` /
+    ``model.path``, or the shipped character tokenizer for a fresh random model (``model.path`` unset); ``"char"``
+    or a local folder picks one explicitly (it must match the pretrained model's own tokenizer, when its folder has
+    one). ``pad_token``: for a tokenizer without a pad token, ``"eos"`` reuses EOS (see
+    :func:`jrlhf.data.load_tokenizer`). The limits (``max_length``, ``max_prompt_length``, ``max_completion_length``,
+    ``truncation_mode``), ``overlong`` (``truncate`` / ``drop`` / ``error``) and ``invalid_records`` (``error`` /
+    ``drop``: records with a missing or empty field) apply to the training and the held-out records alike.
+    ``eval_batch_size`` is the number of held-out records per evaluation batch; scoring passes lower it so that a
+    batch holds at most ``eval_max_tokens`` padded tokens (both sides of a pair counted).
+    """
 
     train: str = "builtin:addition/sft_train.jsonl"
     eval: str | None = None
     eval_prompts: str | None = None
     eval_reward: str = "addition_exact_match"
     eval_max_new_tokens: int = 8
-    tokenizer: str = "char"
+    tokenizer: str | None = None
+    pad_token: str | None = None
     batch_size: int = 32
     eval_batch_size: int = 64
     max_length: int = 64
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
     truncation_mode: str = "keep_end"
+    overlong: str = "truncate"
+    invalid_records: str = "error"
+    eval_max_tokens: int = 16384
     buckets: tuple = ()
     packing: bool = False
     shuffle: bool = True

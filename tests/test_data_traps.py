@@ -1,0 +1,141 @@
+"""Real-input traps, each fixed as a class: the tokenizer defaults to the model's own (and must fit its embedding),
+an invalid-record policy, one set of limits for training and held-out records, scoring passes bounded in memory."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jrlhf
+from jrlhf import data
+from jrlhf.config import ConfigError, build_config
+from jrlhf.data.sources import DataError
+from jrlhf.models import init_model, save_pretrained, tiny_config
+from jrlhf.train_loop import build_model, resolve_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_CHECKPOINT = os.path.expanduser("~/.cache/jrlhf/smollm2-135m-instruct-test")
+
+
+def real_data_dir():
+    """``$JRLHF_REAL_DATA``, else ``<repo>/../shared/real_data``; the test skips when neither exists."""
+    path = os.environ.get("JRLHF_REAL_DATA") or os.path.join(REPO, "..", "shared", "real_data")
+    if not os.path.isdir(path):
+        pytest.skip(f"real data not found at {path} (set JRLHF_REAL_DATA)")
+    return path
+
+
+def hh_path():
+    path = os.path.join(real_data_dir(), "hh_rlhf_harmless_base_test.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+def real_tokenizer_dir(tmp_path):
+    """A folder with only the tokenizer files of the real checkpoint (skips when it is absent)."""
+    if not os.path.isdir(REAL_CHECKPOINT):
+        pytest.skip(f"real checkpoint not found at {REAL_CHECKPOINT}")
+    folder = tmp_path / "real_tokenizer"
+    folder.mkdir()
+    for name in os.listdir(REAL_CHECKPOINT):
+        if name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(os.path.join(REAL_CHECKPOINT, name), folder / name)
+    return str(folder)
+
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+        "max_position_embeddings": 64}
+
+
+def run_config(model=None, train=None, data_section=None, algorithm="sft"):
+    return build_config({"algorithm": algorithm, "model": model or {"family": "llama", "overrides": dict(TINY)},
+                         "data": data_section or {}, "train": train or {}})
+
+
+def saved_model(folder, vocab_size, tokenizer=None):
+    """A tiny random Llama of ``vocab_size`` saved as a Hugging Face folder, with ``tokenizer``'s files if given."""
+    model, params = init_model(tiny_config("llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                           num_heads=2, num_kv_heads=1, head_dim=16), jax.random.PRNGKey(0))
+    save_pretrained(model, jax.tree.map(np.asarray, params), str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+def char_plus_one_token(folder):
+    """The char tokenizer with one more special token, saved in ``folder``: a tokenizer that is not ``char``."""
+    tok = data.load_tokenizer("char")
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_defaults_to_the_pretrained_models_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    own = char_plus_one_token(folder)
+    for section in ({"model": {"path": str(folder)}}, {"train": {"init_from": str(folder)}}):
+        cfg = run_config(model=section.get("model"), train=section.get("train"))
+        assert cfg.data.tokenizer is None
+        tok = resolve_tokenizer(cfg)
+        assert len(tok) == len(own) == 105
+        assert tok.convert_tokens_to_ids("<|tool|>") == 104
+    # a fresh random model (no path) keeps the shipped character tokenizer
+    assert len(resolve_tokenizer(run_config())) == 104
+
+
+def test_real_checkpoint_tokenizer_is_picked_up(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = real_tokenizer_dir(tmp_path)
+    tok = resolve_tokenizer(run_config(model={"path": folder}))
+    reference = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text = "Human: How do I bake bread?"
+    assert len(tok) == len(reference) > 49000
+    assert tok(text)["input_ids"] == reference(text)["input_ids"]
+
+
+def test_explicit_tokenizer_that_is_not_the_models_own_is_an_error(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    char_plus_one_token(folder)
+    with pytest.raises(ConfigError) as error:
+        resolve_tokenizer(run_config(model={"path": str(folder)}, data_section={"tokenizer": "char"}))
+    message = str(error.value)
+    assert "\n" not in message and "104 tokens" in message and "105 tokens" in message
+    assert "leave data.tokenizer unset" in message
+    # the same tokenizer, named explicitly, is fine
+    data.load_tokenizer("char").save_pretrained(str(tmp_path / "charmodel"))
+    assert len(resolve_tokenizer(run_config(model={"path": str(tmp_path / "charmodel")},
+                                            data_section={"tokenizer": "char"}))) == 104
+
+
+def test_model_folder_without_tokenizer_files_is_an_error(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"^model.path='.*' has no tokenizer files .*set data.tokenizer"):
+        resolve_tokenizer(run_config(model={"path": str(folder)}))
+
+
+def test_tokenizer_larger_than_the_embedding_is_an_error_naming_both_sizes(tmp_path):
+    tok = data.load_tokenizer("char")  # 104 tokens
+    folder = saved_model(tmp_path / "model", vocab_size=64, tokenizer=tok)
+    cfg = run_config(model={"path": folder})
+    with pytest.raises(ConfigError, match=r"^the tokenizer has 104 tokens but the model in .* vocab_size=64: "):
+        build_model(cfg, resolve_tokenizer(cfg), "lm", jax.random.PRNGKey(0))
+    fresh = run_config(model={"family": "llama", "overrides": {**TINY, "vocab_size": 100}})
+    with pytest.raises(ConfigError, match=r"104 tokens but the fresh model .* vocab_size=100"):
+        build_model(fresh, tok, "lm", jax.random.PRNGKey(0))
+    # a padded embedding (more rows than tokens) is fine
+    bigger = saved_model(tmp_path / "bigger", vocab_size=128, tokenizer=tok)
+    model, _ = build_model(run_config(model={"path": bigger}), tok, "lm", jax.random.PRNGKey(0))
+    assert model.config.vocab_size == 128
