@@ -80,6 +80,16 @@ class DataSection:
     shuffle: bool = True
     max_eval_examples: int | None = None
 
+    def __post_init__(self):
+        choices = {"overlong": ("truncate", "drop", "error"), "invalid_records": ("error", "drop"),
+                   "truncation_mode": ("keep_end", "keep_start")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
+        for key in ("batch_size", "eval_batch_size", "eval_max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+
 
 @dataclass
 class OptimSection:

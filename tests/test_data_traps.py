@@ -139,3 +139,65 @@ def test_tokenizer_larger_than_the_embedding_is_an_error_naming_both_sizes(tmp_p
     bigger = saved_model(tmp_path / "bigger", vocab_size=128, tokenizer=tok)
     model, _ = build_model(run_config(model={"path": bigger}), tok, "lm", jax.random.PRNGKey(0))
     assert model.config.vocab_size == 128
+
+
+# ------------------------------------------------------------------------------------------- invalid records
+
+
+def empty_answer_lines(path):
+    """1-based line numbers of the records with an empty (whitespace-only) message, read with json alone."""
+    lines = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            record = json.loads(line)
+            if any(not m["content"].strip() for key in ("prompt", "chosen", "rejected") for m in record[key]):
+                lines.append(number)
+    return lines
+
+
+def test_invalid_records_error_or_drop_on_the_real_hh_pairs(caplog):
+    path = hh_path()
+    expected = empty_answer_lines(path)
+    assert len(expected) == 4  # the README of the data names 4 pairs with an empty assistant answer
+    records = data.load_records(path)
+    tok = data.load_tokenizer("char")
+    with pytest.raises(data.InvalidRecordError) as error:
+        data.tokenize_preference(records, tok)
+    message = str(error.value)
+    assert message.startswith(f"record {expected[0]}: field 'chosen' message 0 has empty content; ")
+    assert "data.invalid_records='drop'" in message and "\n" not in message
+
+    with caplog.at_level("WARNING", logger="jrlhf.data"):
+        out = data.tokenize_preference(records, tok, invalid_records="drop")
+    assert [i + 1 for i, _ in out.report.invalid] == expected
+    assert len(out) == len(records) - 4 and out.report.dropped == []
+    assert expected[0] - 1 not in {e["record_index"] for e in out.examples}
+    numbers = ", ".join(map(str, expected))
+    assert f"4 invalid records dropped (records {numbers}; record {expected[0]}: field 'chosen'" in caplog.text
+    assert caplog.text.count("invalid records dropped") == 1
+
+
+@pytest.mark.parametrize("kind, bad, good", [
+    ("sft", {"prompt": "1+1=", "completion": " "}, {"prompt": "1+1=", "completion": "2"}),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}]}, {"prompt": "2+2=", "completion": "4"}),
+    ("preference", {"prompt": "1+1=", "chosen": "2"}, {"prompt": "1+1=", "chosen": "2", "rejected": "3"}),
+    ("prompt", {"answer": "2"}, {"prompt": "1+1="}),
+])
+def test_invalid_record_policy_for_every_record_kind(kind, bad, good):
+    tok = data.load_tokenizer("char")
+    with pytest.raises(data.InvalidRecordError, match=r"^record 2: "):
+        data.tokenize([good, bad, good], tok, kind)
+    out = data.tokenize([good, bad, good], tok, kind, invalid_records="drop")
+    assert [e["record_index"] for e in out.examples] == [0, 2]
+    assert [i for i, _ in out.report.invalid] == [1]
+    assert "1 invalid records dropped (records 2; record 2: " in out.report.summary()
+    with pytest.raises(DataError, match="no example is left after tokenisation"):
+        data.tokenize([bad], tok, kind, invalid_records="drop")
+
+
+def test_record_policies_are_checked_config_keys():
+    with pytest.raises(ConfigError, match=r"^data.invalid_records='skip' is not one of error, drop"):
+        run_config(data_section={"invalid_records": "skip"})
+    with pytest.raises(ConfigError, match=r"^data.overlong='cut' is not one of truncate, drop, error"):
+        run_config(data_section={"overlong": "cut"})
+    assert run_config().data.invalid_records == "error"
