@@ -201,3 +201,58 @@ def test_record_policies_are_checked_config_keys():
     with pytest.raises(ConfigError, match=r"^data.overlong='cut' is not one of truncate, drop, error"):
         run_config(data_section={"overlong": "cut"})
     assert run_config().data.invalid_records == "error"
+
+
+# ----------------------------------------------------------------------------- one set of limits, train and eval
+
+
+def long_hh_records(count=6):
+    """The HH pair with the longest prompt and the next ``count - 1`` records without an empty answer."""
+    records = data.load_records(hh_path())
+    longest = max(range(len(records)), key=lambda i: sum(len(m["content"]) for m in records[i]["prompt"]))
+    chosen = [records[longest]]
+    for record in records:
+        if len(chosen) == count:
+            break
+        if record is not records[longest] and all(m["content"].strip() for m in record["chosen"] + record["rejected"]):
+            chosen.append(record)
+    return chosen
+
+
+def test_held_out_pairs_are_cut_under_the_training_limits():
+    from jrlhf.algorithms.base import length_limits
+    from jrlhf.evaluation import preference_scores
+
+    records = long_hh_records()
+    tok = data.load_tokenizer("char")
+    cfg = run_config(data_section={"max_length": 128, "max_prompt_length": 96}, algorithm="dpo")
+    limits = length_limits(cfg.data)
+    train = data.tokenize_preference(records, tok, **limits)
+    assert len(train) == len(records) and train.report.truncated_prompts  # training keeps every pair (keep_end)
+    lengths = lambda b: (np.asarray(b["chosen_attention_mask"]).sum(1), np.asarray(b["rejected_attention_mask"]).sum(1))
+    chosen, rejected = preference_scores(lengths, tok, records, batch_size=4, limits=limits)
+    np.testing.assert_array_equal(chosen, [len(e["chosen_input_ids"]) for e in train.examples])
+    np.testing.assert_array_equal(rejected, [len(e["rejected_input_ids"]) for e in train.examples])
+    # the longest prompt keeps its end: the generation prompt of the chat template closes the kept tokens
+    prompt_text = tok.apply_chat_template(records[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    expected = tok(prompt_text, add_special_tokens=False)["input_ids"][-96:]
+    np.testing.assert_array_equal(train.examples[0]["chosen_input_ids"][:96], expected)
+    # a scoring batch holds at most max_tokens padded tokens: 2 rows x 128 tokens x 1 pair
+    calls = []
+    preference_scores(lambda b: (calls.append(len(b["chosen_input_ids"])),) and lengths(b), tok, records,
+                      batch_size=4, limits=limits, max_tokens=300)
+    assert set(calls) == {1} and len(calls) == len(records)
+
+
+def test_dpo_run_evaluates_every_held_out_pair_that_training_keeps(tmp_path):
+    records = long_hh_records(8)
+    path = str(tmp_path / "hh.jsonl")
+    data.write_jsonl(path, records)
+    summary = jrlhf.train({
+        "algorithm": "dpo",
+        "model": {"family": "llama", "overrides": {**TINY, "max_position_embeddings": 128}},
+        "data": {"train": path, "eval": path, "batch_size": 8, "eval_batch_size": 3, "max_length": 128, "max_prompt_length": 96},
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 1, "progress_bar": False, "tensorboard": False,
+                  "export_hf": False},
+    })
+    assert summary["eval"]["num_examples"] == len(records)
