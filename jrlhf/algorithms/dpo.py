@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, generation_eval,
-                                   load_eval_records, preference_globals, tokenize_train)
+from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, concat_pairs,
+                                   generation_eval, length_limits, load_eval_records, preference_globals, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 
@@ -46,7 +46,9 @@ class Config:
       bco_running_mean: for ``bco_pair``, use the running mean of the batch-mean rewards as δ (TRL <= 0.28).
       precompute_ref_log_probs: compute the reference log-probs once for the dataset before training.
       sync_ref_model: TR-DPO reference sync; ``ref_model_mixup_alpha`` α, every ``ref_model_sync_steps`` steps.
-      logprob_chunk_size: vocabulary chunk for the log-softmax (``None``: full logits).
+      logprob_chunk_size: vocabulary chunk for the log-softmax of the policy, reference and evaluation passes:
+        ``"auto"`` (full logits while ``[2B, T, V]`` float32 fits :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`,
+        chunks sized to it otherwise), ``None`` (full logits) or an int.
     """
 
     beta: float = 0.1
@@ -65,7 +67,7 @@ class Config:
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
-    logprob_chunk_size: int | None = None
+    logprob_chunk_size: int | str | None = "auto"
 
 
 def head(cfg) -> str:
@@ -238,6 +240,7 @@ def setup(run) -> AlgorithmSetup:
 
     cfg, algo, model = run.cfg, run.cfg.algo, run.model
     check_config(algo, cfg.train.num_microbatches)
+    check_chunk_setting(algo.logprob_chunk_size)
     train_data = tokenize_train(run, DATA_KIND)
     ref_params = run.params if uses_reference(algo) else None
     frozen, collate = None, None
@@ -262,9 +265,11 @@ def setup(run) -> AlgorithmSetup:
         if pref_records:
             ref = frozen_now["ref_params"] if frozen_now and "ref_params" in frozen_now else eval_ref
             c, r = preference_scores(lambda b: score(params, ref, b), run.tokenizer, pref_records,
-                                     batch_size=cfg.data.eval_batch_size, max_length=cfg.data.max_length)
+                                     batch_size=cfg.data.eval_batch_size, limits=length_limits(cfg.data),
+                                     max_tokens=cfg.data.eval_max_tokens)
             out["rewards/accuracies"] = float((c > r).mean())
             out["rewards/margins"] = float((c - r).mean())
+            out["num_examples"] = int(len(c))
         if gen_eval is not None:
             out.update(gen_eval(params, frozen_now))
         return out
