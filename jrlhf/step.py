@@ -12,7 +12,9 @@ params, a reward model; passed through unchanged), and ``ctx`` the step's RNG, s
 Normalisation convention: every micro-batch loss is normalised by global counts (``ctx.globals["num_tokens"]``,
 ``ctx.globals["num_sequences"]``...), so the micro-batch losses **sum** to the full-batch loss and their gradients
 sum to the full-batch gradient. Gradients are summed over the ``lax.scan`` over micro-batches; the metrics the loss
-returns are averaged over micro-batches.
+returns are averaged over micro-batches (``min``/``max`` metrics, by name, take the min / max:
+:func:`metric_reduction`), so a metric that is a mean over a count that differs between micro-batches (tokens) is
+scaled by :func:`microbatch_share` to stay exact.
 
 :func:`make_train_step` compiles ``step(state, batch, frozen) -> (state, metrics)`` with ``jax.jit``, explicit
 ``NamedSharding`` in/out shardings and the state donated. :func:`make_onpolicy_update` compiles a whole on-policy
@@ -82,7 +84,10 @@ class StepContext(NamedTuple):
       algo_state: the algorithm state (read-only inside the loss).
       globals: dict of batch-global quantities computed once on the whole optimizer-step batch before the
         micro-batch scan: ``num_sequences`` (float32, the batch size), ``num_tokens`` (float32, the sum of
-        ``batch["loss_mask"][:, 1:]`` when the batch has a ``loss_mask``), plus whatever ``prepare_batch`` adds.
+        ``batch["loss_mask"][:, 1:]`` when the batch has a ``loss_mask``), plus whatever ``prepare_batch`` adds,
+        and ``num_microbatches`` (float32, set by the step). Metrics are combined over micro-batches by
+        :func:`metric_reduction` (mean, or min / max by name); a token-mean metric is exact when scaled by
+        :func:`microbatch_share`.
     """
 
     rng: jax.Array
@@ -421,15 +426,46 @@ def init_train_state(
 
 
 def default_globals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Batch-global normalisers of a batch: ``num_sequences`` (float32 scalar, the leading size) and, when the batch
-    has a ``loss_mask [B, T]``, ``num_tokens`` = ``sum(loss_mask[:, 1:])`` (float32 scalar)."""
+    """Batch-global normalisers of a batch: ``num_sequences`` (float32 scalar, the leading size, or the sum of
+    ``sequence_mask [B]`` when the batch has one: rows marked 0 carry no loss, e.g. unscorable rollouts) and, when
+    the batch has a ``loss_mask [B, T]``, ``num_tokens`` = ``sum(loss_mask[:, 1:])`` (float32 scalar)."""
     leaves = jax.tree.leaves(batch)
     out: dict[str, jax.Array] = {}
     if leaves:
         out["num_sequences"] = jnp.float32(leaves[0].shape[0])
+    if isinstance(batch, Mapping) and "sequence_mask" in batch:
+        out["num_sequences"] = jnp.sum(batch["sequence_mask"].astype(jnp.float32))
     if isinstance(batch, Mapping) and "loss_mask" in batch:
         out["num_tokens"] = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
     return out
+
+
+def metric_reduction(name: str) -> str:
+    """How a metric is combined over the micro-batches of one step: ``"min"`` when the last ``/``-separated part of
+    its name starts with ``min_`` or ends with ``_min`` (``min_reward``, ``clip_ratio/low_min``), ``"max"`` likewise
+    for ``max``, else ``"mean"``."""
+    last = name.rsplit("/", 1)[-1]
+    for kind in ("min", "max"):
+        if last == kind or last.startswith(kind + "_") or last.endswith("_" + kind):
+            return kind
+    return "mean"
+
+
+def reduce_microbatch_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Combines ``[M, ...]`` stacked micro-batch metrics by :func:`metric_reduction` of their names (float32)."""
+    ops = {"min": jnp.min, "max": jnp.max, "mean": jnp.mean}
+    return {key: ops[metric_reduction(key)](jnp.asarray(value, jnp.float32), axis=0)
+            for key, value in dict(metrics).items()}
+
+
+def microbatch_share(count: jax.Array, ctx: "StepContext", key: str = "num_tokens") -> jax.Array:
+    """``count * num_microbatches / ctx.globals[key]``: the factor that turns a micro-batch's local mean (over
+    ``count`` items) into a metric whose *average over the micro-batches* is the exact mean over the whole batch
+    (the step averages metrics over micro-batches; micro-batches hold different token counts). ``1`` when the
+    micro-batch is the whole batch. float32 scalar; 0 when the global count is 0."""
+    total = jnp.asarray(ctx.globals[key], jnp.float32)
+    micro = jnp.asarray(ctx.globals.get("num_microbatches", 1.0), jnp.float32)
+    return jnp.where(total > 0, jnp.asarray(count, jnp.float32) * micro / jnp.maximum(total, 1e-30), 0.0)
 
 
 def _cast_floating(tree: Any, dtype: Any) -> Any:
@@ -516,7 +552,7 @@ class _Updater:
         (grads, loss), metrics = jax.lax.scan(
             body, (grads0, jnp.float32(0.0)), (jnp.arange(self.num_microbatches), micro)
         )
-        metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+        metrics = reduce_microbatch_metrics(metrics)
         return loss, grads, metrics
 
     def apply(self, params, opt_state, batch, frozen, user_globals, rng, step, algo_state):
@@ -524,7 +560,8 @@ class _Updater:
 
         Returns ``(params, opt_state, finite [bool], loss, grad_norm, metrics)``; params and opt_state are the old
         ones when ``finite`` is False."""
-        globals_ = {**default_globals(batch), **user_globals}
+        globals_ = {**default_globals(batch), **user_globals,
+                    "num_microbatches": jnp.float32(self.num_microbatches)}
         loss, grads, metrics = self.grads(params, batch, frozen, globals_, rng, step, algo_state)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
@@ -681,7 +718,8 @@ def make_train_step(
       donate: donate the input state's buffers (the caller must not reuse the old state).
 
     Returns:
-      A :class:`CompiledStep`. Its metrics (replicated) are the loss's metrics averaged over micro-batches plus
+      A :class:`CompiledStep`. Its metrics (replicated) are the loss's metrics combined over micro-batches
+      (:func:`reduce_microbatch_metrics`) plus
       ``loss`` (float32, sum over micro-batches = full-batch loss), ``grad_norm`` (global norm of the gradients
       before clipping), ``nonfinite`` (int32, 1 if this step was skipped), ``nonfinite_count`` (int32, running
       total), ``step`` (int32, the step number of this update) and optionally ``learning_rate``.
@@ -819,7 +857,8 @@ def make_onpolicy_update(
             epoch_body, carry, (jnp.arange(num_epochs), epoch_keys)
         )
         skipped = jnp.sum(per_update.pop("nonfinite"))
-        metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=(0, 1)), per_update)
+        metrics = reduce_microbatch_metrics(
+            {k: jnp.reshape(v, (-1,) + jnp.shape(v)[2:]) for k, v in per_update.items()})
         metrics["nonfinite"] = skipped
         metrics["nonfinite_count"] = count
         metrics["step"] = state.step

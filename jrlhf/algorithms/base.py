@@ -196,15 +196,38 @@ def length_limits(data_cfg) -> dict:
                 overlong=data_cfg.overlong, invalid_records=data_cfg.invalid_records)
 
 
-def tokenize_train(run: RunContext, kind: str, source: str | None = None):
+# The record fields each data kind is built from (prompt records go whole to the reward functions).
+KIND_FIELDS = {"sft": ("prompt", "completion", "messages"), "preference": ("prompt", "chosen", "rejected")}
+
+
+def ignored_fields(records, kind: str, fields=()) -> list[str]:
+    """Sorted names of the record fields that neither tokenisation (:data:`KIND_FIELDS`) nor the algorithm
+    (``fields``) reads; empty for ``prompt`` records, which reach the reward functions whole."""
+    if kind not in KIND_FIELDS:
+        return []
+    seen = set()
+    for record in records:
+        if isinstance(record, dict):
+            seen.update(record)
+    return sorted(seen - set(KIND_FIELDS[kind]) - set(fields))
+
+
+def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields=()):
     """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` under
-    :func:`length_limits` (prompt records use only the prompt limits); prints the report."""
+    :func:`length_limits` (prompt records use only the prompt limits); prints the report.
+
+    ``fields``: the optional per-record fields the algorithm reads (its ``RECORD_FIELDS``, e.g. the reward model's
+    ``margin``), carried into every batch. Fields that nothing reads are reported once, naming them."""
     from jrlhf.data import load_records, tokenize
 
     records = load_records(source or run.cfg.data.train)
-    data = tokenize(records, run.tokenizer, kind, **length_limits(run.cfg.data))
+    data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
+        ignored = ignored_fields(records, kind, fields)
+        if ignored:
+            print(f"[data] the records' field(s) {', '.join(repr(f) for f in ignored)} are ignored: "
+                  f"{run.cfg.algorithm} reads {', '.join(KIND_FIELDS[kind] + tuple(fields))}", flush=True)
     return data
 
 

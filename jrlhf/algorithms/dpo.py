@@ -117,8 +117,11 @@ def reference_logps(model, ref_params, batch, algo: Config):
     return summed[:half], summed[half:]
 
 
-def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0):
+def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0, counts=None):
     """The per-example loss pieces of one preference batch.
+
+    ``counts``: the step's batch-global counts (``num_chosen_tokens``, ``num_sequences``) for the ``sft`` type, so
+    that micro-batches sum to the batch loss; ``None``: this batch's own.
 
     Returns:
       dict with ``losses [B]``, ``chosen_rewards [B]``, ``rejected_rewards [B]``, ``chosen_logps [B]``,
@@ -152,7 +155,9 @@ def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0):
             label_smoothing=algo.label_smoothing, reference_free=algo.reference_free,
             chosen_lengths=chosen_len, rejected_lengths=rejected_len, discopop_tau=algo.discopop_tau,
             f_divergence_type=algo.f_divergence_type, f_alpha_divergence_coef=algo.f_alpha_divergence_coef,
-            bco_delta=bco_delta)
+            bco_delta=bco_delta,
+            num_chosen_tokens=None if counts is None else counts["num_chosen_tokens"],
+            num_pairs=None if counts is None else counts["num_sequences"])
     out.update(losses=per, chosen_rewards=cr, rejected_rewards=rr)
     return out
 
@@ -163,7 +168,7 @@ def make_loss_fn(model, algo: Config):
 
     def loss_fn(params, batch, frozen, ctx):
         delta = ctx.algo_state["bco_mean"] if algo.bco_running_mean else 0.0
-        t = dpo_terms(model, params, batch, frozen, algo, bco_delta=delta)
+        t = dpo_terms(model, params, batch, frozen, algo, bco_delta=delta, counts=ctx.globals)
         loss = jnp.sum(t["losses"]) / ctx.globals["num_sequences"]
         cr, rr = t["chosen_rewards"], t["rejected_rewards"]
         metrics = {

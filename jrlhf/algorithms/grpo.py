@@ -7,10 +7,13 @@ rollout, each split into ``steps_per_generation`` mini-batches (one optimizer st
 program. The sampler's log-probs (under ``logits / temperature``) are the old log-probs; with ``beta > 0`` the
 reference log-probs are computed once per rollout from ``frozen["ref_params"]`` (a copy of the initial policy).
 
-Loss normalisers (TRL 1.16): ``grpo``/``sapo`` average per-sequence token means over the mini-batch's sequences;
-``bnpo`` divides by each micro-batch's token count (averaged over micro-batches); ``dapo``/``cispo`` divide by the
+Loss normalisers (TRL 1.16), every one a count of the whole optimizer step so that gradient accumulation is exact:
+``grpo``/``sapo`` average per-sequence token means over the mini-batch's sequences; ``bnpo`` divides by the
+mini-batch's token count (TRL divides by each accumulation micro-batch's own count, which makes the loss depend on
+how the batch is split; the two agree with ``train.num_microbatches: 1``); ``dapo``/``cispo`` divide by the
 rollout's token count over ``steps_per_generation``; ``dr_grpo`` by ``mini-batch size * max_completion_length``;
-``luspo`` averages per-sequence token sums.
+``luspo`` averages per-sequence token sums. Unscorable completions (NaN score) get advantage 0 and no loss, and are
+left out of the group statistics and of every count (:func:`jrlhf.algorithms.onpolicy.drop_unscorable`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from jrlhf import losses
 from jrlhf.algorithms import onpolicy
 from jrlhf.algorithms.base import AlgorithmSetup
 from jrlhf.config import ConfigError
+from jrlhf.step import microbatch_share
 
 DATA_KIND = onpolicy.DATA_KIND
 SCALE_REWARDS = ("group", "batch", "none")
@@ -96,7 +100,7 @@ def make_prepare_batch(algo: Config):
     steps = onpolicy.num_minibatches(algo)
 
     def prepare_batch(batch, frozen, algo_state):
-        batch = dict(batch)
+        batch = onpolicy.drop_unscorable(batch)
         batch["advantages"] = advantages(batch["scores"], algo)
         return batch, onpolicy.sequence_globals(batch, steps)
 
@@ -111,17 +115,24 @@ def policy_loss(logps, batch, algo: Config, ctx, num_microbatches: int = 1, entr
     if algo.loss_type in ("grpo", "sapo", "luspo"):
         normalizer = ctx.globals["num_sequences"]
     elif algo.loss_type == "bnpo":
-        normalizer = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0) * num_microbatches
+        normalizer = jnp.maximum(ctx.globals["num_tokens"], 1.0)
     elif algo.loss_type == "dr_grpo":
         normalizer = ctx.globals["num_sequences"] * n
     elif algo.loss_type in ("dapo", "cispo"):
         normalizer = jnp.maximum(ctx.globals["tokens_per_minibatch"], 1.0)
-    return losses.grpo_loss(
+    loss, metrics = losses.grpo_loss(
         logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
         beta=algo.beta, epsilon_low=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
         max_completion_length=n, importance_sampling_level=algo.importance_sampling_level, delta=algo.delta,
         sapo_temperature_pos=algo.sapo_temperature_pos, sapo_temperature_neg=algo.sapo_temperature_neg,
         kl_importance_correction=algo.use_bias_correction_kl, entropies=entropies, normalizer=normalizer)
+    # token-mean metrics of this micro-batch -> exact batch means once averaged over micro-batches (the clip ratios
+    # are per-sequence means with GSPO's sequence-level ratio, already exact)
+    share = microbatch_share(jnp.sum(mask), ctx)
+    token_level = {"kl", "entropy"}
+    if algo.importance_sampling_level == "token":
+        token_level |= {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"}
+    return loss, {k: v * share if k in token_level else v for k, v in metrics.items()}
 
 
 def make_loss_fn(model, algo: Config, num_microbatches: int = 1):

@@ -25,6 +25,10 @@ The rollout batch (every array's leading dimension is ``R = batch_size * num_gen
 * ``truncated`` ``[R]`` int32: 1 when the completion hit ``max_completion_length`` without EOS (any id of
   :func:`jrlhf.evaluation.run_stop_token_ids`).
 
+Rows whose score is NaN (no reward function applied, the reward model absent) are unscorable: every algorithm's
+``prepare_batch`` passes the batch through :func:`drop_unscorable`, so they get no loss and no gradient and stay out
+of every baseline, mean, std and count.
+
 Completion-frame arrays ``[R, N]`` pair with ``loss_mask[:, P:]``; the policy's log-prob of completion token ``j``
 comes from the logits at position ``P + j - 1``.
 """
@@ -258,6 +262,23 @@ def scorable_scores(batch: dict) -> tuple[jax.Array, jax.Array]:
     scores = batch["scores"].astype(jnp.float32)
     scorable = ~jnp.isnan(scores)
     return jnp.where(scorable, scores, 0.0), mask & scorable[:, None]
+
+
+def drop_unscorable(batch: dict) -> dict:
+    """A copy of a rollout batch whose unscorable rows (NaN score: no reward applied) carry no loss: their
+    completion ``loss_mask`` is zeroed (so token counts leave them out) and ``sequence_mask [R]`` int32 marks the
+    scorable rows (so ``ctx.globals["num_sequences"]`` counts only those, see :func:`jrlhf.step.default_globals`)."""
+    batch = dict(batch)
+    scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
+    batch["loss_mask"] = batch["loss_mask"] * scorable[:, None].astype(batch["loss_mask"].dtype)
+    batch["sequence_mask"] = scorable.astype(jnp.int32)
+    return batch
+
+
+def scorable_mean(values: jax.Array, batch: dict) -> jax.Array:
+    """Mean of per-row ``values [R]`` over the scorable rows of a rollout (0 when none is): float32 scalar."""
+    scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
+    return losses.masked_mean(values, scorable)
 
 
 def group_std_is_zero(values: np.ndarray, group_size: int) -> np.ndarray:

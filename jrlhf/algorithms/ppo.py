@@ -27,6 +27,7 @@ from jrlhf.algorithms import onpolicy
 from jrlhf.algorithms.base import AlgorithmSetup, OnPolicy, tokenize_train
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
+from jrlhf.step import microbatch_share
 
 DATA_KIND = onpolicy.DATA_KIND
 CRITICS = ("shared", "separate")
@@ -105,7 +106,8 @@ def check_config(run) -> None:
 def rollout_advantages(batch: dict, kl_coef, algo: Config):
     """GAE of one rollout: ``(advantages [R, N], returns [R, N], trained mask [R, N], per-token KL [R, N])``.
 
-    Completions that no reward applies to (NaN score) are masked out."""
+    Completions that no reward applies to (NaN score) are masked out, so they enter neither the reward whitening
+    nor the advantage whitening."""
     scores, mask = onpolicy.scorable_scores(batch)
     rewards, kl = losses.kl_penalized_rewards(scores, batch["old_logps"], batch["ref_logps"], mask, kl_coef=kl_coef,
                                               kl_kind=algo.kl_estimator)
@@ -123,17 +125,17 @@ def make_prepare_batch(algo: Config):
     ``kl_coef``, ``advantages_mean``, ``returns_mean``, ``non_score_reward``."""
 
     def prepare_batch(batch, frozen, algo_state):
-        batch = dict(batch)
+        batch = onpolicy.drop_unscorable(batch)
         kl_coef = algo_state["kl_coef"]
         adv, returns, mask, kl = rollout_advantages(batch, kl_coef, algo)
         n = adv.shape[1]
         batch["advantages"], batch["returns"] = adv, returns
         batch["loss_mask"] = batch["loss_mask"].at[:, -n:].set(mask.astype(batch["loss_mask"].dtype))
-        seq_kl = jnp.sum(kl, axis=-1)
+        seq_kl = onpolicy.scorable_mean(jnp.sum(kl, axis=-1), batch)
         return batch, {
-            "kl": jnp.mean(seq_kl),
+            "kl": seq_kl,
             "kl_coef": jnp.asarray(kl_coef, jnp.float32),
-            "non_score_reward": -jnp.asarray(kl_coef, jnp.float32) * jnp.mean(seq_kl),
+            "non_score_reward": -jnp.asarray(kl_coef, jnp.float32) * seq_kl,
             "advantages_mean": losses.masked_mean(adv, mask),
             "returns_mean": losses.masked_mean(returns, mask),
         }
@@ -158,11 +160,13 @@ def make_loss_fn(model, algo: Config, critic_model=None):
         vf_loss, vf_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                     cliprange_value=algo.cliprange_value, normalizer=normalizer)
         metrics.update(vf_metrics)
+        share = microbatch_share(jnp.sum(mask), ctx)
+        metrics = {k: v * share for k, v in metrics.items()}  # token means of this micro-batch
         if entropies is not None:
-            metrics["actor/entropy"] = losses.masked_mean(entropies, mask)
+            metrics["actor/entropy"] = losses.masked_mean(entropies, mask) * share
         metrics["critic/advantages/mean"] = ctx.globals["advantages_mean"]
         metrics["critic/returns/mean"] = ctx.globals["returns_mean"]
-        metrics["critic/values/mean"] = losses.masked_mean(values, mask)
+        metrics["critic/values/mean"] = losses.masked_mean(values, mask) * share
         metrics["kl"] = ctx.globals["kl"]
         metrics["kl_coef"] = ctx.globals["kl_coef"]
         metrics["non_score_reward"] = ctx.globals["non_score_reward"]

@@ -6,7 +6,8 @@ Rewards are ``-kl_coef * KL_t`` per completion token plus the sequence score at 
 (REINFORCE++-baseline, with ``num_generations > 1``). The advantages are whitened over every trained token of the
 rollout batch (so they are computed once per rollout, before the mini-batch split). Then ``ppo_epochs`` passes of
 ``num_mini_batches`` optimizer steps, each a token-mean clipped surrogate (:func:`jrlhf.losses.ppo_policy_loss`).
-Completions that no reward applies to (NaN score) get no loss.
+Completions that no reward applies to (NaN score) get no loss and are left out of the group means, the whitening
+and the token counts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jrlhf import losses
 from jrlhf.algorithms import onpolicy
 from jrlhf.algorithms.base import AlgorithmSetup
 from jrlhf.config import ConfigError
+from jrlhf.step import microbatch_share
 
 DATA_KIND = onpolicy.DATA_KIND
 BASELINES = ("none", "group")
@@ -76,10 +78,10 @@ def check_config(run) -> None:
 
 def advantages(batch: dict, algo: Config):
     """``(advantages [R, N], returns [R, N], trained mask [R, N], per-token KL [R, N] or None)`` of a rollout."""
-    scores, mask = onpolicy.scorable_scores(batch)
+    _, mask = onpolicy.scorable_scores(batch)
     use_kl = algo.kl_coef != 0.0
-    adv, returns = losses.reinforce_pp_advantages(
-        scores, mask, logps=batch["old_logps"] if use_kl else None, ref_logps=batch["ref_logps"] if use_kl else None,
+    adv, returns = losses.reinforce_pp_advantages(  # NaN scores: left out of every statistic
+        batch["scores"], mask, logps=batch["old_logps"] if use_kl else None, ref_logps=batch["ref_logps"] if use_kl else None,
         kl_coef=algo.kl_coef, kl_kind=algo.kl_estimator, kl_clip=algo.kl_clip, gamma=algo.gamma,
         group_size=algo.num_generations if algo.baseline == "group" else None)
     kl = None
@@ -94,14 +96,14 @@ def make_prepare_batch(algo: Config):
     Globals: ``advantages_mean``, ``returns_mean`` (token means) and ``kl`` (mean per-sequence summed KL)."""
 
     def prepare_batch(batch, frozen, algo_state):
-        batch = dict(batch)
+        batch = onpolicy.drop_unscorable(batch)
         adv, returns, mask, kl = advantages(batch, algo)
         batch["advantages"] = adv
         n = adv.shape[1]
         batch["loss_mask"] = batch["loss_mask"].at[:, -n:].set(mask.astype(batch["loss_mask"].dtype))
         out = {"advantages_mean": losses.masked_mean(adv, mask), "returns_mean": losses.masked_mean(returns, mask)}
         if kl is not None:
-            out["kl"] = jnp.mean(jnp.sum(kl, axis=-1))
+            out["kl"] = onpolicy.scorable_mean(jnp.sum(kl, axis=-1), batch)
         return batch, out
 
     return prepare_batch
@@ -117,8 +119,10 @@ def make_loss_fn(model, algo: Config):
         loss, metrics = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
                                                clip_eps=algo.epsilon, clip_eps_high=algo.epsilon_high,
                                                normalizer=jnp.maximum(ctx.globals["num_tokens"], 1.0))
+        share = microbatch_share(jnp.sum(mask), ctx)
+        metrics = {k: v * share for k, v in metrics.items()}  # token means of this micro-batch
         if entropies is not None:
-            metrics["entropy"] = losses.masked_mean(entropies, mask)
+            metrics["entropy"] = losses.masked_mean(entropies, mask) * share
         metrics["critic/advantages/mean"] = ctx.globals["advantages_mean"]
         metrics["critic/returns/mean"] = ctx.globals["returns_mean"]
         if "kl" in ctx.globals:

@@ -15,6 +15,7 @@ from jrlhf.models import (logits_from_hidden, sequence_scores, token_logprobs_fr
                           unembedding_matrix)
 
 DATA_KIND = "preference"
+RECORD_FIELDS = ("margin",)  # optional per-record fields the loss reads (carried into the batches)
 
 
 @dataclasses.dataclass
@@ -70,7 +71,8 @@ def _pair_scores_and_nll(model, params, batch, with_lm: bool, chunk_size="auto")
 def make_loss_fn(model, algo: Config):
     """``loss_fn(params, batch, frozen, ctx)``: mean Bradley-Terry loss over the global pair count; metrics as TRL
     1.16's ``RewardTrainer`` (``accuracy``, ``margin``, ``min_reward``, ``mean_reward``, ``max_reward``). A batch
-    field ``margin [B]`` is used as the required margin when present. With ``algo.lm_loss_coefficient > 0`` (an
+    field ``margin [B]`` float32 (the records' ``margin``, carried by tokenisation and collation) is the required
+    margin of each pair when present: ``-log σ(r_c - r_r - margin)``. With ``algo.lm_loss_coefficient > 0`` (an
     ``lm+value`` model) the loss adds that weight times the chosen completions' mean token NLL (metric
     ``lm_loss``)."""
     with_lm = algo.lm_loss_coefficient > 0
@@ -117,7 +119,7 @@ def setup(run) -> AlgorithmSetup:
 
     return AlgorithmSetup(
         loss_fn=make_loss_fn(run.model, cfg.algo),
-        train_data=tokenize_train(run, DATA_KIND),
+        train_data=tokenize_train(run, DATA_KIND, fields=RECORD_FIELDS),
         prepare_batch=preference_globals,
         evaluate=evaluate if eval_records else None,
         export_head="score",

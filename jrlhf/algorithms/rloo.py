@@ -17,6 +17,7 @@ from jrlhf import losses
 from jrlhf.algorithms import onpolicy
 from jrlhf.algorithms.base import AlgorithmSetup
 from jrlhf.config import ConfigError
+from jrlhf.step import microbatch_share
 
 DATA_KIND = onpolicy.DATA_KIND
 
@@ -86,11 +87,11 @@ def make_prepare_batch(algo: Config):
     mean of the k1 KL goes to ``globals["kl"]`` (TRL's ``kl`` metric)."""
 
     def prepare_batch(batch, frozen, algo_state):
-        batch = dict(batch)
+        batch = onpolicy.drop_unscorable(batch)
         batch["advantages"], kl = advantages(batch, algo)
         out = {}
         if kl is not None:
-            _, mask = onpolicy.completion_part(batch)
+            _, mask = onpolicy.completion_part(batch)  # unscorable rows already dropped
             out["kl"] = losses.masked_mean(kl, mask)
         return batch, out
 
@@ -108,7 +109,7 @@ def make_loss_fn(model, algo: Config):
         loss, metrics = losses.rloo_loss(seq, old_seq, batch["advantages"], epsilon_low=algo.epsilon,
                                          epsilon_high=algo.epsilon_high, normalizer=ctx.globals["num_sequences"])
         if entropies is not None:
-            metrics["entropy"] = losses.masked_mean(entropies, mask)
+            metrics["entropy"] = losses.masked_mean(entropies, mask) * microbatch_share(jnp.sum(mask), ctx)
         if "kl" in ctx.globals:
             metrics["kl"] = ctx.globals["kl"]
         return loss, metrics

@@ -7,6 +7,7 @@ import dataclasses
 from jrlhf import losses
 from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, generation_eval,
                                    load_eval_records, tokenize_train)
+from jrlhf.step import microbatch_share
 
 DATA_KIND = "sft"
 
@@ -39,7 +40,9 @@ def make_loss_fn(model, algo: Config):
                                                 positions=batch.get("positions"),
                                                 segment_ids=batch.get("segment_ids"))
         loss, metrics = losses.sft_loss(token_logps, mask, normalizer=ctx.globals["num_tokens"])
-        return loss, {"nll": metrics["nll"], "num_tokens": metrics["num_tokens"]}
+        # batch-level metrics, exact under accumulation: the token-mean NLL and the step's token count
+        share = microbatch_share(metrics["num_tokens"], ctx)
+        return loss, {"nll": metrics["nll"] * share, "num_tokens": ctx.globals["num_tokens"]}
 
     return loss_fn
 

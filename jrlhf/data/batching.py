@@ -97,6 +97,23 @@ def _right_pad_values(sequences, length: int, fill: int = 0) -> np.ndarray:
     return out
 
 
+def _collate_fields(examples, batch: dict, length: int) -> dict:
+    """Adds the carried per-record ``fields`` of the examples: a scalar per example -> ``batch[name]`` float32
+    ``[B]``; a per-token array (packed rows) -> float32 ``[B, T]``, right-padded with 0."""
+    if "fields" not in examples[0]:
+        return batch
+    for name in examples[0]["fields"]:
+        values = [e["fields"][name] for e in examples]
+        if np.ndim(values[0]) == 0:
+            batch[name] = np.asarray(values, dtype=np.float32)
+        else:
+            out = np.zeros((len(values), length), dtype=np.float32)
+            for row, value in enumerate(values):
+                out[row, : len(value)] = value
+            batch[name] = out
+    return batch
+
+
 # ------------------------------------------------------------------------------------------------ collation
 
 
@@ -110,7 +127,8 @@ def collate_sft(examples, *, pad_id: int, buckets: tuple[int, ...] = (), length:
       length: fixed padded length instead of a bucket.
 
     Returns:
-      ``input_ids``, ``attention_mask``, ``loss_mask`` int32 ``[B, T]`` (+ ``segment_ids``, ``positions``).
+      ``input_ids``, ``attention_mask``, ``loss_mask`` int32 ``[B, T]`` (+ ``segment_ids``, ``positions``), plus
+      each carried record field (``example["fields"]``): float32 ``[B]``, or ``[B, T]`` per token when packed.
     """
     sequences = [e["input_ids"] for e in examples]
     length = _padded_length([len(s) for s in sequences], buckets, length)
@@ -123,14 +141,15 @@ def collate_sft(examples, *, pad_id: int, buckets: tuple[int, ...] = (), length:
     if "segment_ids" in examples[0]:
         batch["segment_ids"] = _right_pad_values([e["segment_ids"] for e in examples], length)
         batch["positions"] = _right_pad_values([e["positions"] for e in examples], length)
-    return batch
+    return _collate_fields(examples, batch, length)
 
 
 def collate_preference(examples, *, pad_id: int, buckets: tuple[int, ...] = (), length: int | None = None) -> dict:
     """Stacks preference examples into right-padded ``[B, T]`` arrays, one ``T`` for chosen and rejected.
 
     Returns:
-      ``{chosen,rejected}_{input_ids,attention_mask,loss_mask}`` int32 ``[B, T]``.
+      ``{chosen,rejected}_{input_ids,attention_mask,loss_mask}`` int32 ``[B, T]``, plus each carried record field
+      (``example["fields"]``, e.g. ``margin``) as float32 ``[B]``.
     """
     lengths = [len(e[f"{side}_input_ids"]) for e in examples for side in ("chosen", "rejected")]
     length = _padded_length(lengths, buckets, length)
@@ -140,7 +159,7 @@ def collate_preference(examples, *, pad_id: int, buckets: tuple[int, ...] = (), 
         batch[f"{side}_input_ids"] = ids
         batch[f"{side}_attention_mask"] = mask
         batch[f"{side}_loss_mask"] = _right_pad_values([e[f"{side}_loss_mask"] for e in examples], length)
-    return batch
+    return _collate_fields(examples, batch, length)
 
 
 class PromptBatch(NamedTuple):
@@ -182,7 +201,8 @@ def pack_examples(examples, row_length: int) -> list[dict]:
 
     Each returned row has ``input_ids``, ``loss_mask``, ``segment_ids`` (1, 2, ... per example) and ``positions``
     (0, 1, ... within each example), all int32 ``[L <= row_length]``; attention must stay inside a segment
-    (block-diagonal), which ``segment_ids`` tells the model.
+    (block-diagonal), which ``segment_ids`` tells the model. Carried record ``fields`` become float32 ``[L]``
+    arrays holding each example's value on its tokens.
 
     Raises:
       DataError: an example is longer than ``row_length``.
@@ -219,6 +239,11 @@ def pack_examples(examples, row_length: int) -> list[dict]:
                 "record_index": [p.get("record_index") for p in parts],
             }
         )
+        if "fields" in parts[0]:  # a carried record field becomes per-token: each example's value on its tokens
+            packed[-1]["fields"] = {
+                name: np.concatenate([np.full(len(p["input_ids"]), p["fields"][name], np.float32) for p in parts])
+                for name in parts[0]["fields"]
+            }
     return packed
 
 

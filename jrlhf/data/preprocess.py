@@ -310,6 +310,39 @@ def _invalid(limits: LengthLimits, report: TokenizationReport, error: InvalidRec
     report.invalid.append((error.index, error.reason))
 
 
+def _record_fields(records, fields) -> dict:
+    """The per-record numeric ``fields`` to carry: ``{name: [float per record]}`` for each field some record has.
+
+    Raises:
+      DataError: a field is in some records but not in all, or is not a finite number (record and field named).
+    """
+    out = {}
+    for name in fields:
+        present = [isinstance(r, dict) and name in r for r in records]
+        if not any(present):
+            continue
+        if not all(present):
+            index = present.index(False)
+            raise DataError(f"record {index}: field '{name}' is missing but other records have it; give '{name}' "
+                            "to every record or to none")
+        values = []
+        for index, record in enumerate(records):
+            value = record[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value):
+                raise DataError(f"record {index}: field '{name}' must be a finite number, got {value!r}")
+            values.append(float(value))
+        out[name] = values
+    return out
+
+
+def _carry(example: dict, carried: dict, index: int) -> dict:
+    """Adds ``fields`` (``{name: float32}``) of record ``index`` to an example when there are any."""
+    if carried:
+        example["fields"] = {name: np.float32(values[index]) for name, values in carried.items()}
+    return example
+
+
 def _finish(kind, records, examples, report) -> TokenizedData:
     report.num_records = len(records)
     report.num_examples = len(examples)
@@ -321,18 +354,21 @@ def _finish(kind, records, examples, report) -> TokenizedData:
     return TokenizedData(kind=kind, examples=examples, report=report)
 
 
-def tokenize_sft(records, tokenizer, *, add_eos: bool = True, **limits) -> TokenizedData:
+def tokenize_sft(records, tokenizer, *, add_eos: bool = True, fields=(), **limits) -> TokenizedData:
     """Tokenises SFT records (``{prompt, completion}`` or ``{messages}``).
 
     Args:
       records: sequence of dicts.
       tokenizer: a Hugging Face tokenizer with pad and EOS tokens.
       add_eos: append EOS to plain-string completions (chat completions end as the template ends a turn).
+      fields: names of optional numeric per-record fields the algorithm reads (e.g. ``("margin",)``): carried as
+        ``example["fields"][name]`` (float32) and collated into ``batch[name]`` (all records or none must have one).
       **limits: :class:`LengthLimits` fields (``max_length``, ``max_prompt_length``, ``max_completion_length``,
         ``truncation_mode``, ``overlong``, ``invalid_records``).
 
     Returns:
-      :class:`TokenizedData` of kind ``"sft"``: examples with ``input_ids`` and ``loss_mask`` int32 ``[L]``.
+      :class:`TokenizedData` of kind ``"sft"``: examples with ``input_ids`` and ``loss_mask`` int32 ``[L]`` (and
+      ``fields``).
 
     Raises:
       InvalidRecordError (a DataError): missing/empty/ill-typed field (record number and field named) with
@@ -343,6 +379,7 @@ def tokenize_sft(records, tokenizer, *, add_eos: bool = True, **limits) -> Token
     limits = LengthLimits(**limits)
     encoder = _Encoder(tokenizer, add_eos)
     report = TokenizationReport(kind="sft")
+    carried = _record_fields(records, fields)
     examples = []
     for index, record in enumerate(records):
         try:
@@ -375,25 +412,25 @@ def tokenize_sft(records, tokenizer, *, add_eos: bool = True, **limits) -> Token
             continue
         if truncated:
             report.truncated_completions.append(index)
-        examples.append(
+        examples.append(_carry(
             {
                 "input_ids": _array(prompt_ids + ids),
                 "loss_mask": _array([0] * len(prompt_ids) + mask),
                 "prompt_length": len(prompt_ids),
                 "record_index": index,
-            }
-        )
+            }, carried, index))
     return _finish("sft", records, examples, report)
 
 
-def tokenize_preference(records, tokenizer, *, add_eos: bool = True, **limits) -> TokenizedData:
+def tokenize_preference(records, tokenizer, *, add_eos: bool = True, fields=(), **limits) -> TokenizedData:
     """Tokenises preference records ``{prompt, chosen, rejected}`` (strings or chat message lists).
 
     Chosen and rejected share the (possibly truncated) prompt; a pair is dropped if either side cannot fit.
+    ``fields`` (e.g. the reward model's ``("margin",)``) are carried as in :func:`tokenize_sft`.
 
     Returns:
       :class:`TokenizedData` of kind ``"preference"``: examples with ``chosen_input_ids``, ``chosen_loss_mask``,
-      ``rejected_input_ids``, ``rejected_loss_mask`` (int32 ``[L]``) and ``prompt_length``.
+      ``rejected_input_ids``, ``rejected_loss_mask`` (int32 ``[L]``), ``prompt_length`` (and ``fields``).
 
     Raises:
       DataError / TokenizerError as :func:`tokenize_sft`.
@@ -401,6 +438,7 @@ def tokenize_preference(records, tokenizer, *, add_eos: bool = True, **limits) -
     limits = LengthLimits(**limits)
     encoder = _Encoder(tokenizer, add_eos)
     report = TokenizationReport(kind="preference")
+    carried = _record_fields(records, fields)
     examples = []
     required = ("prompt", "chosen", "rejected")
     for index, record in enumerate(records):
@@ -428,7 +466,7 @@ def tokenize_preference(records, tokenizer, *, add_eos: bool = True, **limits) -
             continue
         if any(truncated for _, _, truncated in fitted.values()):
             report.truncated_completions.append(index)
-        example = {"prompt_length": len(prompt_ids), "record_index": index}
+        example = _carry({"prompt_length": len(prompt_ids), "record_index": index}, carried, index)
         for name, (ids, mask, _) in fitted.items():
             example[f"{name}_input_ids"] = _array(prompt_ids + ids)
             example[f"{name}_loss_mask"] = _array([0] * len(prompt_ids) + mask)
@@ -436,14 +474,14 @@ def tokenize_preference(records, tokenizer, *, add_eos: bool = True, **limits) -
     return _finish("preference", records, examples, report)
 
 
-def tokenize_prompts(records, tokenizer, **limits) -> TokenizedData:
+def tokenize_prompts(records, tokenizer, fields=(), **limits) -> TokenizedData:
     """Tokenises prompt records ``{prompt, ...}`` for sampling; of the limits only ``max_prompt_length`` and
     ``truncation_mode`` apply (``max_length`` and ``max_completion_length`` are accepted and ignored, so that one set
     of limits serves every kind of record).
 
     Returns:
       :class:`TokenizedData` of kind ``"prompt"``: examples with ``prompt_ids`` int32 ``[P]`` and ``record`` (the
-      input dict, passed on to reward functions).
+      input dict, passed on to reward functions, every field included: ``fields`` is accepted and unused).
     """
     limits = LengthLimits(**limits)
     encoder = _Encoder(tokenizer)

@@ -81,6 +81,8 @@ def dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     bco_delta=0.0,
+    num_chosen_tokens=None,
+    num_pairs=None,
 ) -> tuple[Array, Array, Array]:
     """Direct-preference losses of TRL 1.16's ``DPOTrainer``, per example.
 
@@ -110,8 +112,11 @@ def dpo_loss(
     * ``apo_zero``: ``1 - σ(βc) + σ(βr)``; ``apo_down``: ``σ(βc) + 1 - σ(β(c - r))``.
     * ``discopop``: ``(1 - m)(-log σ(βd)) + m exp(-βd)`` with ``m = σ(βd / τ)``.
     * ``sigmoid_norm``: ``-log σ(β (s_c / n_c - s_r / n_r))`` (needs lengths).
-    * ``sft``: the chosen NLL averaged over the *local* batch's chosen tokens, spread so that the mean over examples
-      equals TRL's batch token mean: ``-chosen_logps * B / sum(chosen_lengths)`` (needs ``chosen_lengths``).
+    * ``sft``: the chosen NLL averaged over the batch's chosen tokens, spread so that the mean over the batch's
+      examples equals TRL's batch token mean: ``-chosen_logps * num_pairs / num_chosen_tokens``. Both counts
+      default to this call's (``B`` and ``sum(chosen_lengths)``, which then needs ``chosen_lengths``); under
+      gradient accumulation pass those of the whole accumulated batch, so the sum of the micro-batch means over
+      ``num_pairs`` is exact.
 
     A sequence ``loss_type`` combines several types (MPO): the per-example loss is ``sum_k w_k * loss_k``, whose
     mean equals TRL's ``sum_k w_k * mean(loss_k)``. RPO is ``loss_type=("sigmoid", "sft"), loss_weights=(1, α)``.
@@ -138,6 +143,9 @@ def dpo_loss(
         only valid with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft.
       f_alpha_divergence_coef: α of ``alpha_divergence``.
       bco_delta: scalar (or ``[B]``) reward baseline δ of ``bco_pair``.
+      num_chosen_tokens: ``sft``'s token count (float scalar): that of the whole (accumulated) batch; default
+        ``sum(chosen_lengths)``.
+      num_pairs: ``sft``'s example count (scalar) whose mean the caller takes; default ``B``.
 
     Returns:
       ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` float32. Rewards are ``β * c`` and ``β * r``
@@ -170,8 +178,8 @@ def dpo_loss(
             "dpo_loss: 'ipo' and 'sigmoid_norm' divide by completion lengths; pass chosen_lengths and rejected_lengths "
             "(number of completion tokens per example)."
         )
-    if "sft" in loss_types and chosen_lengths is None:
-        raise ValueError("dpo_loss: 'sft' averages over chosen tokens; pass chosen_lengths.")
+    if "sft" in loss_types and chosen_lengths is None and num_chosen_tokens is None:
+        raise ValueError("dpo_loss: 'sft' averages over chosen tokens; pass chosen_lengths or num_chosen_tokens.")
 
     chosen_logps, rejected_logps = _f32(chosen_logps), _f32(rejected_logps)
     chex.assert_rank(
@@ -259,8 +267,9 @@ def dpo_loss(
             norm_delta = _per_length(chosen_scores, chosen_lengths) - _per_length(rejected_scores, rejected_lengths)
             loss = -_log_sigmoid(beta * norm_delta)
         else:  # sft
-            num_tokens = jnp.maximum(jnp.sum(_f32(chosen_lengths)), 1.0)
-            loss = -chosen_logps * chosen_logps.shape[0] / num_tokens
+            tokens = jnp.sum(_f32(chosen_lengths)) if num_chosen_tokens is None else _f32(num_chosen_tokens)
+            pairs = chosen_logps.shape[0] if num_pairs is None else _f32(num_pairs)
+            loss = -chosen_logps * pairs / jnp.maximum(tokens, 1.0)
         total = total + weight * loss
 
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)

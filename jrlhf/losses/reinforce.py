@@ -168,8 +168,11 @@ def reinforce_pp_advantages(
     add ``kl_clip=10.0`` for its ``compute_approx_kl`` clamp. verl's ``reinforce_plus_plus`` is ``unbiased=True,
     eps_mode="add"`` (its KL-in-reward is ``kl_kind="k1"``). Advantages carry no gradient.
 
+    A NaN score marks an unscorable completion (no reward applied to it): its row is left out of the group means,
+    of the whitening statistics and of the returned mask's tokens, and gets advantage and return 0.
+
     Args:
-      scores: ``[B]`` sequence rewards.
+      scores: ``[B]`` sequence rewards (NaN: unscorable).
       mask: ``[B, T]``; 1 = real token.
       logps: ``[B, T]`` rollout-policy token log-probs (needed when ``kl_coef != 0``).
       ref_logps: ``[B, T]`` reference token log-probs (needed when ``kl_coef != 0``).
@@ -192,13 +195,17 @@ def reinforce_pp_advantages(
     chex.assert_rank(scores, 1, custom_message="reinforce_pp_advantages: scores must be [B]")
     mask = _bool_mask(mask)
     chex.assert_rank(mask, 2, custom_message="reinforce_pp_advantages: mask must be [B, T]")
+    scorable = ~jnp.isnan(scores)
+    mask = mask & scorable[:, None]
     if group_size is not None:
         if group_size < 1 or scores.shape[0] % group_size:
             raise ValueError(
                 f"reinforce_pp_advantages: {scores.shape[0]} scores do not split into groups of {group_size}."
             )
-        grouped = scores.reshape(-1, group_size)
-        scores = (grouped - jnp.mean(grouped, axis=1, keepdims=True)).reshape(-1)
+        _, valid, clean, count = _groups(scores, group_size, "reinforce_pp_advantages")
+        mean = jnp.sum(clean, axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+        scores = jnp.where(valid, clean - mean, 0.0).reshape(-1)
+    scores = jnp.where(scorable, scores, 0.0)
     if logps is None or ref_logps is None:
         if not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
             raise ValueError("reinforce_pp_advantages: kl_coef != 0 needs logps and ref_logps.")
@@ -231,12 +238,14 @@ def remax_advantages(rewards, baseline_scores, mask) -> tuple[Array, Array]:
 
     Args:
       rewards: ``[B, T]`` per-token rewards (possibly KL-penalised), or ``[B]`` sequence scores (placed at the last
-        real token).
+        real token); NaN marks an unscorable completion.
       baseline_scores: ``[B]`` scores of the greedy completions.
       mask: ``[B, T]``; 1 = real token.
 
     Returns:
-      ``(advantages, returns)``, ``[B, T]`` float32, 0 at masked positions. No gradient.
+      ``(advantages, returns)``, ``[B, T]`` float32, 0 at masked positions and on unscorable rows (a NaN sequence
+      score or a NaN reward on a real token, or a NaN baseline: the greedy completion could not be scored). No
+      gradient.
     """
     mask = _bool_mask(mask)
     chex.assert_rank(mask, 2, custom_message="remax_advantages: mask must be [B, T]")
@@ -246,5 +255,9 @@ def remax_advantages(rewards, baseline_scores, mask) -> tuple[Array, Array]:
     chex.assert_equal_shape([rewards, mask], custom_message="remax_advantages: rewards must be [B] or [B, T] like mask")
     baseline = jax.lax.stop_gradient(_f32(baseline_scores))
     chex.assert_shape(baseline, (mask.shape[0],), custom_message="remax_advantages: baseline_scores must be [B]")
+    scorable = ~jnp.isnan(baseline) & ~jnp.any(mask & jnp.isnan(rewards), axis=-1)
+    mask = mask & scorable[:, None]
+    rewards = jnp.where(mask, rewards, 0.0)
+    baseline = jnp.where(scorable, baseline, 0.0)
     returns = discounted_returns(rewards, mask, gamma=1.0)
     return jnp.where(mask, returns - baseline[:, None], 0.0), returns
