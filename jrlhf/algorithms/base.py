@@ -148,27 +148,43 @@ def length_limits(data_cfg) -> dict:
                 max_completion_length=data_cfg.max_completion_length, truncation_mode=data_cfg.truncation_mode)
 
 
+def record_location(records, message: str) -> str:
+    """Rewrites a tokenisation error's leading ``record I`` (0-based position) as ``file:line`` of a JSONL source
+    (1-based, counting blank lines), so the message points at the line to fix."""
+    import re
+
+    match = re.match(r"record (\d+)(: .*)", message, flags=re.S)
+    where = getattr(records, "where", None)
+    if match is None or where is None:
+        return message
+    return f"{where(int(match.group(1)))}{match.group(2)}"
+
+
 def tokenize_train(run: RunContext, kind: str, source: str | None = None):
     """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt``; prints the report."""
-    from jrlhf.data import load_records, tokenize
+    from jrlhf.data import DataError, load_records, tokenize
 
-    records = load_records(source or run.cfg.data.train)
+    records = load_records(source or run.cfg.data.train, key="data.train")
     limits = length_limits(run.cfg.data)
     if kind == "prompt":
         limits = {"max_prompt_length": limits["max_prompt_length"], "truncation_mode": limits["truncation_mode"]}
-    data = tokenize(records, run.tokenizer, kind, **limits)
+    try:
+        data = tokenize(records, run.tokenizer, kind, **limits)
+    except DataError as error:
+        raise DataError(f"data.train: {record_location(records, str(error))}") from None
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
     return data
 
 
-def load_eval_records(source: str | None, limit: int | None = None):
-    """Held-out records from ``source`` (``None`` -> ``None``)."""
+def load_eval_records(source: str | None, limit: int | None = None, key: str | None = None):
+    """Held-out records from ``source`` (``None`` -> ``None``); ``key`` (e.g. ``"data.eval"``) names the config key
+    in the error for a source without records."""
     if not source:
         return None
     from jrlhf.data import load_records
 
-    return load_records(source, limit=limit)
+    return load_records(source, limit=limit, key=key)
 
 
 def generation_eval(run: RunContext, records, model=None):
