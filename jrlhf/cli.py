@@ -27,10 +27,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``jrlhf`` console script; user errors print one line and exit with status 2."""
+    """Entry point of the ``jrlhf`` console script; returns the exit status (:mod:`jrlhf.errors` ``EXIT_*``).
+
+    0: done. 2: a user error, printed as one line (bad config or data, run directory in use, a save that failed,
+    non-finite loss). 3: stopped by SIGTERM/SIGINT with the latest state saved (rerun to resume). 130: a second
+    signal quit without saving. Any other error propagates (Python prints the traceback, status 1) after the latest
+    completed step was saved.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from jrlhf.errors import USER_ERRORS
+    from jrlhf.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, USER_ERRORS
 
     args = _parser().parse_args(argv)
     try:
@@ -50,12 +56,22 @@ def main(argv=None) -> int:
         from jrlhf.train_loop import train
 
         summary = train(cfg)
-        return 143 if summary.get("preempted") else 0
+        return EXIT_STOPPED if summary.get("preempted") else EXIT_OK
     except USER_ERRORS as e:
         if os.environ.get("JRLHF_TRACEBACK"):
             raise
-        print(f"jrlhf: error: {e}", file=sys.stderr)
-        return 2
+        message = " ".join(str(e).split("\n"))
+        print(f"jrlhf: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler was installed (start-up, config loading)
+        print("jrlhf: interrupted before training started; nothing to save", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException as e:
+        loop = sys.modules.get("jrlhf.train_loop")
+        if loop is None or not isinstance(e, loop.Interrupted):
+            raise
+        print(f"jrlhf: {e}; the last complete checkpoint is kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -120,7 +121,11 @@ class MeshSection:
 
 @dataclass
 class TrainSection:
-    """Loop settings: length, seeds, logging, evaluation and checkpoint cadence."""
+    """Loop settings: length, seeds, logging, evaluation and checkpoint cadence.
+
+    ``max_nonfinite``: how many updates with a non-finite loss or gradient may be skipped (in-graph, the parameters
+    untouched) before the run stops with :class:`jrlhf.errors.NonFiniteLossError` (default 0: stop at the first).
+    """
 
     output_dir: str = "runs/default"
     steps: int = 100
@@ -133,6 +138,7 @@ class TrainSection:
     resume: bool = True
     export_hf: bool = True
     init_from: str | None = None
+    max_nonfinite: int = 0
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -251,14 +257,55 @@ def _set_nested(d: dict, dotted: str, value):
     d[keys[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-4`` / ``3E5`` (exponent without a dot) as floats.
+
+    YAML 1.1, which PyYAML implements, needs a dot (``1.0e-4``); YAML 1.2 and JSON do not, and learning rates are
+    written that way everywhere.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a PyYAML error, on one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def parse_yaml(text: str, where: str):
+    """Reads YAML ``text`` with jrlhf's loader (``1e-4`` is a float).
+
+    Raises:
+      ConfigError: malformed YAML; the message names ``where``, the line and column, and the problem.
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML ({_yaml_problem(error)})") from None
+
+
 def parse_overrides(overrides) -> dict:
-    """Parses ``["a.b=1", "c=x"]`` into a nested dict; values are read as YAML scalars."""
+    """Parses ``["a.b=1", "c=x"]`` into a nested dict; values are read as YAML scalars (``1e-4`` is a float).
+
+    Raises:
+      ConfigError: an item without ``=`` or with a value that is not valid YAML (the item is named).
+    """
     out: dict = {}
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=200)")
         key, raw = item.split("=", 1)
-        _set_nested(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        if not key.strip():
+            raise ConfigError(f"override '{item}' has no key before '=' (e.g. train.steps=200)")
+        value = parse_yaml(raw, f"the value of --set '{item}'") if raw.strip() else ""
+        _set_nested(out, key.strip(), value)
     return out
 
 
@@ -285,8 +332,13 @@ def load_yaml(path: str) -> dict:
         path = builtin_config_path(path[len("builtin:"):])
     if not os.path.exists(path):
         raise ConfigError(f"config file '{path}' does not exist (shipped configs: builtin:NAME, see jrlhf/configs/)")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}); save it as UTF-8") from None
+    data = parse_yaml(text, f"config file '{path}'") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data
@@ -305,7 +357,23 @@ def build_config(data: dict, algorithm: str | None = None) -> RunConfig:
     algo_data = data.pop("algo", None)
     cfg = from_dict(RunConfig, data)
     cfg.algo = from_dict(algo_mod.Config, algo_data, prefix="algo")
+    check_model_overrides(cfg.model.overrides)
     return cfg
+
+
+def check_model_overrides(overrides: dict) -> None:
+    """``model.overrides`` keys must be :class:`jrlhf.models.ModelConfig` fields.
+
+    Raises:
+      ConfigError: an unknown key, named with the nearest field (``hiden_size`` -> ``hidden_size``).
+    """
+    from jrlhf.models import ModelConfig
+
+    valid = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in overrides:
+        if key not in valid:
+            raise ConfigError(f"unknown config key 'model.overrides.{key}'{_nearest(str(key), valid)}; "
+                              "model.overrides takes ModelConfig fields")
 
 
 def load_config(path: str | None = None, overrides=(), algorithm: str | None = None) -> RunConfig:

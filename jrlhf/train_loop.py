@@ -3,7 +3,13 @@
 ``train(config)`` (also ``jrlhf.train``) takes a :class:`jrlhf.config.RunConfig`, a nested dict, or a YAML path, and
 returns a summary dict (final eval metrics, steps, paths). Everything needed to continue a run is checkpointed:
 params, optimizer state, step, RNG, algorithm state, mutable frozen params (TR-DPO's reference), the data iterator's
-position and the resolved config. SIGTERM saves before exiting (after any in-flight save finishes).
+position and the resolved config.
+
+One shutdown path: SIGTERM or SIGINT (Ctrl-C) ends the run after the current step, an exception ends it where it is;
+either way the save in flight is finished (or, if it fails, its partial folder removed), the latest completed step is
+saved when the run has trained since the last save, and the run directory's lock is released. A second signal quits
+at once (:class:`Interrupted`). After the last step the state is saved before the final evaluation and export, so a
+stop there loses nothing.
 """
 
 from __future__ import annotations
@@ -23,15 +29,15 @@ import yaml
 from jrlhf import distributed
 from jrlhf.algorithms import get_algorithm
 from jrlhf.algorithms.base import RunContext
-from jrlhf.checkpoint import Checkpointer
+from jrlhf.checkpoint import Checkpointer, acquire_run_lock
 from jrlhf.config import ConfigError, RunConfig, build_config, load_config, to_dict
 from jrlhf.data import BatchIterator, PromptBatch, load_tokenizer, make_batch_iterator
-from jrlhf.errors import NonFiniteLossError
+from jrlhf.errors import CheckpointSaveError, NonFiniteLossError
 from jrlhf.metrics import MetricsWriter, to_python_scalars
 from jrlhf.models import from_pretrained, init_model, logical_axes, save_pretrained, tiny_config
 from jrlhf.sharding import MeshConfig, batch_shardings, logical_to_shardings, make_mesh, put_global, replicated
-from jrlhf.step import (NonFiniteError, NonFiniteMonitor, OptimizerConfig, init_train_state, make_onpolicy_update,
-                        make_optimizer, make_schedule, make_train_step)
+from jrlhf.step import (NonFiniteError, OptimizerConfig, init_train_state, make_onpolicy_update, make_optimizer,
+                        make_schedule, make_train_step)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -153,26 +159,106 @@ def count_tokens(batch) -> int:
     return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("attention_mask")))
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+class Interrupted(BaseException):
+    """A second SIGTERM/SIGINT: quit at once without saving (a ``BaseException``, like ``KeyboardInterrupt``, so no
+    ``except Exception`` on the way out tries to save)."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} received twice: quit without saving")
+        self.signum = signum
+
+
+class _Shutdown:
+    """Turns the first SIGTERM / SIGINT into a stop request the loop checks between steps; a second one raises
+    :class:`Interrupted`. Restores the previous handlers on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, main: bool):
+        self.signum: int | None = None
+        self.main = main
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.signum is not None:
+            self._restore()
+            raise Interrupted(signum)
+        self.signum = signum
+        if self.main:
+            print(f"\n[stop] {signal.Signals(signum).name}: stopping after the current step and saving (send it again "
+                  "to quit without saving)", file=sys.stderr, flush=True)
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def requested(self) -> bool:
+        """True once a stop was asked for on any process (the processes of a multi-host run agree every call)."""
+        local = self.signum is not None
+        if jax.process_count() == 1:
+            return local
+        return bool(np.max(distributed.process_allgather(np.int32(local))))
+
+    def _restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        self._restore()
+
+
+class _NonFiniteCheck:
+    """Reads the running ``nonfinite_count`` one step late (the loop never waits on the device) and stops the run
+    once more than ``train.max_nonfinite`` updates were skipped, naming the loop step metrics.jsonl records."""
+
+    def __init__(self, allowed: int):
+        self.allowed = int(allowed)
+        self._pending = None
+
+    def __call__(self, step: int, metrics) -> None:
+        count = metrics["nonfinite_count"]
+        if isinstance(count, jax.Array):
+            count.copy_to_host_async()
+        previous, self._pending = self._pending, (step, count)
+        if previous is not None:
+            self._check(*previous)
+
+    def flush(self) -> None:
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            self._check(*previous)
+
+    def _check(self, step: int, count) -> None:
+        count = int(np.asarray(count))
+        if count > self.allowed:
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {step}: {count} update(s) skipped so far (the parameters were "
+                f"left unchanged), train.max_nonfinite={self.allowed}; lower optim.learning_rate, check the data, or "
+                "raise train.max_nonfinite")
+
+
+def check_batch_divisible(batch_size: int, mesh, what: str = "data.batch_size") -> None:
+    """A batch is split over the mesh's ``data`` x ``fsdp`` devices: its size must be a multiple of their count.
+
+    Raises:
+      ConfigError: naming both numbers and the fix (checked before JAX places the first batch).
+    """
+    shards = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+    if batch_size % shards:
+        lower, upper = batch_size - batch_size % shards, batch_size + shards - batch_size % shards
+        raise ConfigError(
+            f"{what}={batch_size} is not divisible by the {shards} devices the batch is split over (mesh.data x "
+            f"mesh.fsdp = {mesh.shape.get('data', 1)} x {mesh.shape.get('fsdp', 1)}); use a multiple of {shards} "
+            f"(e.g. {lower or upper} or {upper}) or change the mesh")
 
 
 def _to_device(batch, mesh):
@@ -187,14 +273,33 @@ def _host_params(params):
 
 
 def train(config) -> dict:
-    """Runs (or resumes) one training job; returns ``{"step", "eval", "run_dir", "hf_dir", "preempted"}``.
+    """Runs (or resumes) one training job; returns ``{"step", "eval", "run_dir", "hf_dir", "preempted", "stopped_by",
+    "algorithm"}``.
+
+    The run directory (``train.output_dir``) is locked for the life of the call (:class:`jrlhf.checkpoint.RunLock`).
+    ``preempted`` is True when SIGTERM/SIGINT stopped the run; the latest state is then saved (``stopped_by`` names
+    the signal) and calling ``train`` again resumes it.
 
     Raises:
       ConfigError / DataError / CheckpointError: bad settings, data or checkpoints (one-line messages).
-      NonFiniteLossError: the loss or gradients became non-finite; the last good checkpoint is kept.
+      RunLockedError: another live run uses ``train.output_dir``.
+      CheckpointSaveError: a save could not start (free space) or failed; the last good checkpoint is intact.
+      NonFiniteLossError: more than ``train.max_nonfinite`` updates were non-finite; the last good checkpoint is kept.
+      Interrupted: a second signal; nothing more was saved.
+      Any other exception of a step, a reward function or an evaluation: re-raised after the latest completed step
+      was saved (printed as ``[saved] ...``).
     """
     cfg = _as_config(config)
     distributed.initialize()
+    with _Shutdown(distributed.is_main_process()) as shutdown:
+        lock = acquire_run_lock(os.path.abspath(cfg.train.output_dir))
+        try:
+            return _train(cfg, shutdown)
+        finally:
+            lock.release()
+
+
+def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     main = distributed.is_main_process()
     t = cfg.train
     run_dir = os.path.abspath(t.output_dir)
@@ -240,8 +345,15 @@ def train(config) -> dict:
         step_fn = make_onpolicy_update(setup.loss_fn, optimizer, mesh, num_epochs=setup.onpolicy.num_epochs,
                                        num_minibatches=setup.onpolicy.num_minibatches, **common)
 
+    if setup.onpolicy is None:
+        check_batch_divisible(cfg.data.batch_size, mesh)
     iterator = _make_iterator(cfg, setup, tokenizer, kind)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=t.keep_checkpoints)
+
+    def log(message):
+        if main:
+            print(message, flush=True)
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=t.keep_checkpoints, log=log)
     model_meta = dataclasses.asdict(model.config) if dataclasses.is_dataclass(model.config) else {}
     model_meta = json.loads(json.dumps(model_meta, default=str))
     mutable_frozen = setup.after_step is not None and frozen is not None
@@ -257,8 +369,7 @@ def train(config) -> dict:
             frozen = restored["frozen"]
         iterator.load_state_dict(meta["data"])
         start_step = int(meta["step"])
-        if main:
-            print(f"[resume] from step {start_step} in {ckpt.directory}", flush=True)
+        log(f"[resume] from step {start_step} in {ckpt.directory}")
 
     resolved = to_dict(cfg)
     if main:
@@ -266,11 +377,18 @@ def train(config) -> dict:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
     writer = MetricsWriter(run_dir, tensorboard=t.tensorboard, enabled=main)
-    monitor = NonFiniteMonitor()
+    monitor = _NonFiniteCheck(t.max_nonfinite)
 
-    def save(step, state, frozen, force=False):
-        meta = {"step": int(step), "data": iterator.state_dict(), "config": resolved, "model_config": model_meta}
-        ckpt.save(step, bundle(state, frozen), meta, force=force)
+    # ``done``: the newest completed step, its state, frozen params and the data position after it; an exception or a
+    # signal mid-step never leaves a half-updated one. ``saved_step``: the newest step saved (or being saved).
+    done = {"step": start_step, "state": state, "frozen": frozen, "data": iterator.state_dict()}
+    saved_step = start_step
+
+    def save(force=False):
+        nonlocal saved_step
+        meta = {"step": int(done["step"]), "data": done["data"], "config": resolved, "model_config": model_meta}
+        ckpt.save(done["step"], bundle(done["state"], done["frozen"]), meta, force=force)
+        saved_step = done["step"]
 
     def evaluate(step, state, frozen):
         if setup.evaluate is None:
@@ -288,73 +406,79 @@ def train(config) -> dict:
 
         bar = tqdm(total=t.steps, initial=start_step, desc=cfg.algorithm, dynamic_ncols=True, file=sys.stdout,
                    mininterval=1.0)
-    preempted = False
     step = start_step
     tokens_since, time_since = 0, time.perf_counter()
     eval_result = {}
+    hf_dir = None
     try:
-        with _Preemption() as preemption:
-            while step < t.steps:
-                host_batch = next(iterator)
-                host_metrics = {}
-                if setup.onpolicy is not None:
-                    rng = jax.random.fold_in(collect_rng, step)
-                    device_batch, host_metrics, samples = setup.onpolicy.collect(state, host_batch, frozen, rng)
-                    tokens = int(host_metrics.pop("_num_tokens", count_tokens(host_batch)))
-                    if samples and t.log_every and (step + 1) % t.log_every == 0:
-                        writer.write_text(step + 1, "completions", samples)
-                else:
-                    device_batch = _to_device(host_batch, mesh)
-                    tokens = count_tokens(host_batch)
-                state, metrics = step_fn(state, device_batch, frozen)
-                monitor(metrics)
-                step += 1
-                tokens_since += tokens
-                if setup.after_step is not None:
-                    frozen = setup.after_step(step, state, frozen)
-                if t.log_every and step % t.log_every == 0:
-                    now = time.perf_counter()
-                    scalars = to_python_scalars(jax.device_get(metrics))
-                    scalars.update(host_metrics)
-                    scalars["tokens_per_second"] = tokens_since / max(now - time_since, 1e-9)
-                    tokens_since, time_since = 0, now
-                    writer.write(step, scalars)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
-                                        tok_s=f"{scalars['tokens_per_second']:.0f}")
+        while step < t.steps and not shutdown.requested():
+            host_batch = next(iterator)
+            host_metrics = {}
+            if setup.onpolicy is not None:
+                rng = jax.random.fold_in(collect_rng, step)
+                device_batch, host_metrics, samples = setup.onpolicy.collect(state, host_batch, frozen, rng)
+                tokens = int(host_metrics.pop("_num_tokens", count_tokens(host_batch)))
+                if samples and t.log_every and (step + 1) % t.log_every == 0:
+                    writer.write_text(step + 1, "completions", samples)
+            else:
+                device_batch = _to_device(host_batch, mesh)
+                tokens = count_tokens(host_batch)
+            state, metrics = step_fn(state, device_batch, frozen)
+            if setup.after_step is not None:
+                frozen = setup.after_step(step + 1, state, frozen)
+            step += 1
+            done.update(step=step, state=state, frozen=frozen, data=iterator.state_dict())
+            monitor(step, metrics)
+            tokens_since += tokens
+            if t.log_every and step % t.log_every == 0:
+                now = time.perf_counter()
+                scalars = to_python_scalars(jax.device_get(metrics))
+                scalars.update(host_metrics)
+                scalars["tokens_per_second"] = tokens_since / max(now - time_since, 1e-9)
+                tokens_since, time_since = 0, now
+                writer.write(step, scalars)
                 if bar is not None:
-                    bar.update(1)
-                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    monitor.flush()
-                    eval_result = evaluate(step, state, frozen)
-                if t.save_every and step % t.save_every == 0 and step < t.steps:
-                    monitor.flush()
-                    save(step, state, frozen)
-                if preemption.requested:
-                    monitor.flush()
-                    ckpt.wait()
-                    save(step, state, frozen, force=True)
-                    ckpt.wait()
-                    preempted = True
-                    if main:
-                        print(f"\n[preempted] SIGTERM: saved step {step} to {ckpt.directory}", flush=True)
-                    break
+                    bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
+                                    tok_s=f"{scalars['tokens_per_second']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                monitor.flush()
+                eval_result = evaluate(step, state, frozen)
+            if t.save_every and step % t.save_every == 0 and step < t.steps:
+                monitor.flush()
+                save()
         monitor.flush()
-    except NonFiniteError as e:
+        # the latest state is saved before anything else can fail or be interrupted: eval, export
+        if step > saved_step:
+            save(force=True)
         ckpt.wait()
+    except NonFiniteError as e:
+        ckpt.wait()  # the save in flight holds an earlier, checked step
         last = ckpt.latest_step()
-        raise NonFiniteLossError(f"{e} (last good checkpoint: "
-                                 f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory})") from e
+        raise NonFiniteLossError(f"{e} (the run stopped; last good checkpoint: "
+                                 f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory})"
+                                 ) from None
+    except CheckpointSaveError:
+        raise
+    except Exception:
+        _save_on_error(ckpt, done, saved_step, save, log)
+        raise
     finally:
         if bar is not None:
             bar.close()
 
-    hf_dir = None
-    if not preempted:
+    preempted = shutdown.requested()
+    if preempted:
+        log(f"\n[preempted] {shutdown.name}: step {step} is saved in {ckpt.directory}; rerun the same command to "
+            "resume")
+    else:
         eval_result = evaluate(step, state, frozen)
-        save(step, state, frozen)
-        ckpt.wait()
-        if t.export_hf:
+        preempted = shutdown.requested()
+        if preempted:
+            log(f"\n[preempted] {shutdown.name} during the final evaluation: step {step} is saved in "
+                f"{ckpt.directory}; rerun the same command to evaluate and export")
+        elif t.export_hf:
             hf_dir = os.path.join(run_dir, "hf_model")
             host = _host_params(state.params if setup.export_params is None else setup.export_params(state.params))
             if main:
@@ -363,8 +487,22 @@ def train(config) -> dict:
     ckpt.close()
     writer.close()
     summary = {"step": step, "eval": eval_result, "run_dir": run_dir, "hf_dir": hf_dir, "preempted": preempted,
-               "algorithm": cfg.algorithm}
+               "stopped_by": shutdown.name if preempted else None, "algorithm": cfg.algorithm}
     if main:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _save_on_error(ckpt, done, saved_step, save, log) -> None:
+    """On an exception mid-run: finish the save in flight, then save the newest completed step if it is newer than
+    the last save. A failure here is reported and does not hide the original exception."""
+    try:
+        ckpt.wait()
+        if done["step"] > saved_step:
+            save(force=True)
+            ckpt.wait()
+            log(f"[saved] step {done['step']} (the last completed step) to {ckpt.directory} before stopping")
+    except BaseException as error:  # noqa: BLE001 - the original error is the one to report
+        log(f"[not saved] step {done['step']} could not be saved ({type(error).__name__}: {error}); "
+            f"last checkpoint: {ckpt.latest_step()}")

@@ -82,9 +82,13 @@ def test_planted_nan_stops_at_that_step_and_keeps_last_good_checkpoint(tmp_path,
         return wrapped
 
     monkeypatch.setattr(sft, "make_loss_fn", poisoned)
-    with pytest.raises(NonFiniteLossError, match="step 4") as err:
+    with pytest.raises(NonFiniteLossError, match="at step 5:") as err:  # the update of state step 4 is loop step 5
         jrlhf.train(tiny_config(tmp_path / "nan", sft_file, steps=10, save_every=2))
     assert "last good checkpoint: step 4" in str(err.value)
+    assert "raise train.max_nonfinite" in str(err.value)
+    logged = [json.loads(line) for line in open(tmp_path / "nan" / "metrics.jsonl")]
+    assert [r["nonfinite_count"] for r in logged if r["step"] == 5] == [1]
+    assert [r["nonfinite_count"] for r in logged if r["step"] == 4] == [0]
     assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["2", "4"]
 
 

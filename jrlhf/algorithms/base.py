@@ -212,16 +212,35 @@ def ignored_fields(records, kind: str, fields=()) -> list[str]:
     return sorted(seen - set(KIND_FIELDS[kind]) - set(fields))
 
 
+def record_location(records, message: str) -> str:
+    """Rewrites a tokenisation error's leading ``record N`` (1-based position) as ``file:line`` of a JSONL source
+    (1-based, counting blank lines), so the message points at the line to fix."""
+    import re
+
+    match = re.match(r"record (\d+)(: .*)", message, flags=re.S)
+    where = getattr(records, "where", None)
+    if match is None or where is None:
+        return message
+    return f"{where(int(match.group(1)) - 1)}{match.group(2)}"
+
+
 def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields=()):
     """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` under
     :func:`length_limits` (prompt records use only the prompt limits); prints the report.
 
     ``fields``: the optional per-record fields the algorithm reads (its ``RECORD_FIELDS``, e.g. the reward model's
-    ``margin``), carried into every batch. Fields that nothing reads are reported once, naming them."""
-    from jrlhf.data import load_records, tokenize
+    ``margin``), carried into every batch. Fields that nothing reads are reported once, naming them.
 
-    records = load_records(source or run.cfg.data.train)
-    data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
+    Raises:
+      DataError: a record that cannot be used, named as ``data.train: FILE:LINE: ...``.
+    """
+    from jrlhf.data import DataError, load_records, tokenize
+
+    records = load_records(source or run.cfg.data.train, key="data.train")
+    try:
+        data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
+    except DataError as error:
+        raise DataError(f"data.train: {record_location(records, str(error))}") from None
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
         ignored = ignored_fields(records, kind, fields)
@@ -231,13 +250,14 @@ def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields
     return data
 
 
-def load_eval_records(source: str | None, limit: int | None = None):
-    """Held-out records from ``source`` (``None`` -> ``None``)."""
+def load_eval_records(source: str | None, limit: int | None = None, key: str | None = None):
+    """Held-out records from ``source`` (``None`` -> ``None``); ``key`` (e.g. ``"data.eval"``) names the config key
+    in the error for a source without records."""
     if not source:
         return None
     from jrlhf.data import load_records
 
-    return load_records(source, limit=limit)
+    return load_records(source, limit=limit, key=key)
 
 
 def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):

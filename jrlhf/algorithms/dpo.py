@@ -259,8 +259,8 @@ def setup(run) -> AlgorithmSetup:
     elif ref_params is not None:
         frozen = {"ref_params": ref_params}
 
-    pref_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples)
-    gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
+    pref_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples, key="data.eval")
+    gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     gen_eval = generation_eval(run, gen_records) if gen_records else None
     eval_ref = ref_params
     score = jax.jit(lambda p, ref, b: _implicit_rewards(model, p, ref, b, algo))

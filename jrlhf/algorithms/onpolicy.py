@@ -508,7 +508,7 @@ def make_evaluate(run, policy_params: Callable = lambda params: params):
     cfg = run.cfg
     if not cfg.data.eval_prompts:
         return None
-    records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
+    records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     inner = generation_eval(run, records, model=lm_view(run.model), stop_token_ids=run.cfg.algo.stop_token_ids)
 
     def evaluate(params, frozen):

@@ -106,7 +106,7 @@ def setup(run) -> AlgorithmSetup:
     from jrlhf.evaluation import preference_scores
 
     cfg = run.cfg
-    eval_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples)
+    eval_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples, key="data.eval")
     with_lm = cfg.algo.lm_loss_coefficient > 0
     score = jax.jit(lambda params, batch: _pair_scores_and_nll(run.model, params, batch, with_lm)[:2])
 

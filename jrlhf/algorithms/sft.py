@@ -52,7 +52,7 @@ def setup(run) -> AlgorithmSetup:
     cfg = run.cfg
     check_chunk_setting(cfg.algo.logprob_chunk_size)
     train_data = tokenize_train(run, DATA_KIND)
-    eval_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
+    eval_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     return AlgorithmSetup(
         loss_fn=make_loss_fn(run.model, cfg.algo),
         train_data=train_data,

@@ -323,14 +323,14 @@ def _record_fields(records, fields) -> dict:
             continue
         if not all(present):
             index = present.index(False)
-            raise DataError(f"record {index}: field '{name}' is missing but other records have it; give '{name}' "
+            raise DataError(f"record {index + 1}: field '{name}' is missing but other records have it; give '{name}' "
                             "to every record or to none")
         values = []
         for index, record in enumerate(records):
             value = record[name]
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not np.isfinite(value):
-                raise DataError(f"record {index}: field '{name}' must be a finite number, got {value!r}")
+                raise DataError(f"record {index + 1}: field '{name}' must be a finite number, got {value!r}")
             values.append(float(value))
         out[name] = values
     return out

@@ -41,18 +41,51 @@ def builtin_path(name: str) -> str:
     return path
 
 
-def read_jsonl(path: str, limit: int | None = None) -> list[dict]:
-    """Reads a JSONL file: one JSON object per line, blank lines skipped.
+class JsonlRecords(list):
+    """The records of one JSONL file (a ``list`` of dicts) that remember where each came from.
+
+    ``path``: the file; ``line_numbers[i]``: the 1-based line of record ``i`` (blank lines are skipped, so record
+    positions and line numbers can differ). :meth:`where` gives ``"path:line"`` for error messages.
+    """
+
+    def __init__(self, records=(), path: str = "", line_numbers=()):
+        super().__init__(records)
+        self.path = path
+        self.line_numbers = list(line_numbers)
+
+    def where(self, index: int) -> str:
+        """``"path:line"`` of record ``index`` (0-based position), or ``"record N"`` (1-based) if unknown."""
+        if 0 <= index < len(self.line_numbers):
+            return f"{self.path}:{self.line_numbers[index]}"
+        return f"record {index + 1}"
+
+
+def read_jsonl(path: str, limit: int | None = None) -> JsonlRecords:
+    """Reads a JSONL file: one JSON object per line, blank lines skipped, a UTF-8 byte-order mark ignored.
+
+    Returns:
+      :class:`JsonlRecords` (a list of dicts that also knows each record's line number).
 
     Raises:
-      DataError: a line is not valid JSON or not an object; the message is ``file:line`` and the cause.
+      DataError: a line is not UTF-8, not valid JSON or not an object; the message is ``file:line`` and the cause.
       FileNotFoundError: no such file.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    if os.path.isdir(path):
+        raise DataError(f"data file '{path}' is a directory; point the data key at a .jsonl file")
+    records = JsonlRecords(path=path)
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -67,6 +100,7 @@ def read_jsonl(path: str, limit: int | None = None) -> list[dict]:
                     f"{path}:{line_number}: expected a JSON object per line, got {type(record).__name__}"
                 )
             records.append(record)
+            records.line_numbers.append(line_number)
             if limit is not None and len(records) >= limit:
                 break
     return records
@@ -146,7 +180,8 @@ def _read_hf(spec: str, source: str, split: str | None, limit: int | None) -> li
     return [_to_python(row) for row in dataset]
 
 
-def load_records(source: str, split: str | None = None, *, data_dir: str | None = None, limit: int | None = None):
+def load_records(source: str, split: str | None = None, *, data_dir: str | None = None, limit: int | None = None,
+                 key: str | None = None):
     """Reads a data source into a list of record dicts.
 
     Args:
@@ -155,16 +190,27 @@ def load_records(source: str, split: str | None = None, *, data_dir: str | None 
       split: the split to read (required for tfds, default ``"train"`` for hf, ignored for JSONL).
       data_dir: tfds data directory for a registered builder name.
       limit: read at most this many records.
+      key: the config key ``source`` came from (e.g. ``"data.train"``); when given, a source with no records is a
+        :class:`DataError` naming the key and the file.
 
     Returns:
       ``list[dict]``, one dict per record, fields as stored.
 
     Raises:
-      DataError: malformed line (file and line number named), missing split, unsupported file.
+      DataError: malformed or non-UTF-8 line (file and line number named), missing split, unsupported file, no
+        records where ``key`` is given.
       ImportError: the optional extra for tfds/hf is not installed (the message says which to install).
     """
     if not isinstance(source, str) or not source:
-        raise DataError(f"data source must be a non-empty string, got {source!r}")
+        raise DataError(f"{key or 'data source'} must be a non-empty string, got {source!r}")
+    records = _load(source, split, data_dir, limit)
+    if key is not None and not records:
+        raise DataError(f"{key}: '{source}' holds no records (the file is empty or has only blank lines); point {key} "
+                        "at a file with one JSON object per line")
+    return records
+
+
+def _load(source: str, split: str | None, data_dir: str | None, limit: int | None):
     scheme, _, rest = source.partition(":")
     if scheme == "tfds" and rest:
         return _read_tfds(rest, source, split, data_dir, limit)

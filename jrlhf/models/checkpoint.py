@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrlhf.errors import ModelFileError
 from jrlhf.models.config import HEADS, ModelConfig
 from jrlhf.models.transformer import abstract_params, build_model
 from jrlhf.models.weights import FAMILY_WEIGHTS
@@ -51,14 +52,21 @@ class _TensorSource:
 
     @staticmethod
     def _read_index(index_path: str) -> Dict[str, str]:
-        with open(index_path) as f:
-            return dict(json.load(f)["weight_map"])
+        data = read_json_file(index_path, "a checkpoint index")
+        if not isinstance(data.get("weight_map"), dict):
+            raise ModelFileError(f"{index_path}: no 'weight_map' mapping; re-export the checkpoint")
+        return dict(data["weight_map"])
 
     def _safetensors(self, filename: str):
         if filename not in self._files:
             from safetensors import safe_open
 
-            self._files[filename] = safe_open(os.path.join(self.path, filename), framework="np")
+            file = os.path.join(self.path, filename)
+            try:
+                self._files[filename] = safe_open(file, framework="np")
+            except Exception as error:  # safetensors raises its own SafetensorError or OSError
+                raise ModelFileError(f"{file} is not a readable safetensors file ({_first_line(error)}); it may be "
+                                     "truncated or damaged: copy or export it again") from None
         return self._files[filename]
 
     def _safetensors_names(self, filename: str) -> Dict[str, str]:
@@ -68,8 +76,18 @@ class _TensorSource:
         if filename not in self._torch_cache:
             import torch
 
-            self._torch_cache = {filename: torch.load(os.path.join(self.path, filename), map_location="cpu",
-                                                      weights_only=True)}
+            file = os.path.join(self.path, filename)
+            try:
+                self._torch_cache = {filename: torch.load(file, map_location="cpu", weights_only=True)}
+            except Exception as error:
+                import pickle
+
+                if isinstance(error, pickle.UnpicklingError):
+                    raise ModelFileError(
+                        f"{file} was refused: it holds pickled objects other than tensors, which could run code "
+                        "(read with weights_only=True); use a safetensors checkpoint from a source you trust") from None
+                raise ModelFileError(f"{file} is not a readable PyTorch checkpoint ({_first_line(error)}); it may be "
+                                     "truncated or damaged: copy or export it again") from None
         return self._torch_cache[filename]
 
     def names(self):
@@ -78,7 +96,14 @@ class _TensorSource:
     def get(self, name: str) -> np.ndarray:
         filename = self.weight_map[name]
         if self.kind == "safetensors":
-            return self._safetensors(filename).get_tensor(name)
+            try:
+                return self._safetensors(filename).get_tensor(name)
+            except ModelFileError:
+                raise
+            except Exception as error:
+                raise ModelFileError(f"{os.path.join(self.path, filename)}: tensor {name!r} is unreadable "
+                                     f"({_first_line(error)}); the file may be truncated: copy or export it again"
+                                     ) from None
         tensor = self._torch_file(filename)[name]
         import torch
 
@@ -101,13 +126,40 @@ def _get_path(tree: dict, path):
     return tree
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def read_json_file(path: str, what: str) -> dict:
+    """The JSON object in ``path``.
+
+    Raises:
+      ModelFileError: not UTF-8, malformed JSON (line and column named) or not an object; the message names ``path``.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ModelFileError(f"{path} ({what}) is not UTF-8 text (byte offset {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path} ({what}) is malformed JSON: {error.msg} at line {error.lineno}, column "
+                             f"{error.colno}") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path} ({what}) must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_hf_config(path: str) -> dict:
-    """The ``config.json`` dict of a local HF checkpoint directory."""
+    """The ``config.json`` dict of a local HF checkpoint directory.
+
+    Raises:
+      FileNotFoundError: no ``config.json``. ModelFileError: it is malformed (the file, line and column named).
+    """
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: from_pretrained needs a local HF checkpoint directory")
-    with open(config_path) as f:
-        return json.load(f)
+    return read_json_file(config_path, "the model config")
 
 
 GENERATION_CONFIG = "generation_config.json"

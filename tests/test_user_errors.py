@@ -1,0 +1,163 @@
+"""Ordinary user mistakes on the command line: each is accepted (numbers like 1e-4, a byte-order mark) or ends in one
+line (status 2, no traceback) that names the file or key and the fix."""
+
+import os
+
+import pytest
+import yaml
+
+from jrlhf import cli
+from jrlhf.data import load_records, write_jsonl
+
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+              "max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def records():
+    return load_records("builtin:addition/sft_train.jsonl")[:64]
+
+
+def config_file(tmp_path, train_file, **data):
+    cfg = {"algorithm": "sft", "model": {"family": "llama", "overrides": dict(TINY_MODEL)},
+           "data": {"train": str(train_file), "batch_size": 16, "max_length": 32, **data},
+           "train": {"output_dir": str(tmp_path / "run"), "steps": 2, "progress_bar": False, "tensorboard": False}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_cli(capsys, *argv):
+    status = cli.main(["train", "sft", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err.strip()
+
+
+def assert_one_line_error(status, err, *needles):
+    assert status == 2, err
+    assert err.startswith("jrlhf: error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+
+def test_exponent_numbers_are_read_as_numbers(tmp_path, capsys):
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  learning_rate: 1e-4\n  eps: 1E-8\ntrain:\n  steps: 2e3\n")
+    status, out, err = run_cli(capsys, "--config", str(path), "--set", "optim.weight_decay=1e-2", "--print-config")
+    assert status == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["learning_rate"] == 1e-4 and printed["optim"]["eps"] == 1e-8
+    assert printed["optim"]["weight_decay"] == 0.01 and printed["train"]["steps"] == 2000
+    status, out, err = run_cli(capsys, "--set", "optim.learning_rate=x1e-4", "--print-config")
+    assert_one_line_error(status, err, "optim.learning_rate", "must be a number")
+
+
+def test_malformed_yaml_and_set_values_are_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 3\n  output_dir: [runs/a\n")
+    status, out, err = run_cli(capsys, "--config", str(path))
+    assert_one_line_error(status, err, str(path), "is not valid YAML", "line 4")
+    status, out, err = run_cli(capsys, "--set", "data.buckets=[16, 32")
+    assert_one_line_error(status, err, "--set 'data.buckets=[16, 32'", "is not valid YAML")
+
+
+def test_model_override_typo_names_the_nearest_key(capsys):
+    status, out, err = run_cli(capsys, "--set", "model.overrides.hiden_size=64")
+    assert_one_line_error(status, err, "model.overrides.hiden_size", "did you mean 'hidden_size'")
+
+
+# --------------------------------------------------------------------------------------------------------- data
+
+
+def test_data_file_errors_name_the_file_line_and_key(tmp_path, capsys, records):
+    bad_byte = tmp_path / "latin1.jsonl"
+    write_jsonl(str(bad_byte), records[:3])
+    with open(bad_byte, "ab") as f:
+        f.write(b'{"prompt": "caf\xe9", "completion": "1"}\n')
+    status, out, err = run_cli(capsys, "--config", config_file(tmp_path, bad_byte))
+    assert_one_line_error(status, err, f"{bad_byte}:4: not UTF-8 text (byte 0xe9 at column 16)")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    status, out, err = run_cli(capsys, "--config", config_file(tmp_path, empty))
+    assert_one_line_error(status, err, "data.train", str(empty), "holds no records")
+
+    gap = tmp_path / "gap.jsonl"  # record 3 (position 2) sits on line 4 after a blank line
+    write_jsonl(str(gap), records[:2])
+    with open(gap, "a") as f:
+        f.write('\n{"prompt": "1+1="}\n')
+    status, out, err = run_cli(capsys, "--config", config_file(tmp_path, gap))
+    assert_one_line_error(status, err, f"data.train: {gap}:4: ", "completion")
+
+
+def test_byte_order_mark_is_accepted_and_indivisible_batch_is_caught_before_sharding(tmp_path, capsys, records):
+    bom = tmp_path / "bom.jsonl"
+    write_jsonl(str(bom), records)
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    assert load_records(str(bom)) == records
+    # 8 test devices: 12 rows cannot be split; the file with the BOM was read and tokenised before this check
+    status, out, err = run_cli(capsys, "--config", config_file(tmp_path, bom, batch_size=12))
+    assert_one_line_error(status, err, "data.batch_size=12 is not divisible by the 8 devices", "multiple of 8")
+    assert "[data] sft: 64 records" in out
+
+
+# --------------------------------------------------------------------------------------------------- model files
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    import jax
+
+    from jrlhf.models import init_model, save_pretrained, tiny_config
+
+    model, params = init_model(tiny_config("llama", **TINY_MODEL), jax.random.PRNGKey(0))
+    path = tmp_path_factory.mktemp("hf") / "model"
+    save_pretrained(model, params, str(path))
+    return path
+
+
+def copy_model(hf_dir, target):
+    import shutil
+
+    shutil.copytree(hf_dir, target)
+    return target
+
+
+def test_damaged_model_files_in_init_from_name_the_file(tmp_path, capsys, records, hf_dir):
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(str(data), records)
+    cfg = config_file(tmp_path, data)
+
+    cut = copy_model(hf_dir, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    status, out, err = run_cli(capsys, "--config", cfg, "--set", f"train.init_from={cut}")
+    assert_one_line_error(status, err, str(weights), "truncated")
+
+    header = copy_model(hf_dir, tmp_path / "header")
+    with open(header / "model.safetensors", "r+b") as f:
+        f.truncate(6)
+    status, out, err = run_cli(capsys, "--config", cfg, "--set", f"train.init_from={header}")
+    assert_one_line_error(status, err, str(header / "model.safetensors"), "not a readable safetensors file")
+
+    malformed = copy_model(hf_dir, tmp_path / "malformed")
+    text = (malformed / "config.json").read_text()
+    (malformed / "config.json").write_text(text.replace('"hidden_size": 32,', '"hidden_size": 32'))
+    status, out, err = run_cli(capsys, "--config", cfg, "--set", f"train.init_from={malformed}")
+    assert_one_line_error(status, err, str(malformed / "config.json"), "malformed JSON", "line")
+
+
+def test_pickle_with_code_is_refused_in_one_line(tmp_path, capsys, records, hf_dir):
+    torch = pytest.importorskip("torch")
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(str(data), records)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((hf_dir / "config.json").read_text())
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": os.getcwd}, str(evil / "pytorch_model.bin"))
+    status, out, err = run_cli(capsys, "--config", config_file(tmp_path, data), "--set", f"train.init_from={evil}")
+    assert_one_line_error(status, err, str(evil / "pytorch_model.bin"), "was refused", "safetensors")
