@@ -12,3 +12,32 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Optional test dependencies. The suite runs without them (the second CI leg: newest JAX on Python 3.12, no
+# PyTorch); tests marked with one of these markers then skip with a reason naming the extra that brings it.
+_OPTIONAL = {
+    "torch": ("torch", "needs PyTorch (torch): install the `test` extra, pip install -e '.[test]'"),
+    "trl": ("trl", "needs TRL (trl, with PyTorch): install the `test` extra, pip install -e '.[test]'"),
+}
+
+
+def _missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+def pytest_configure(config):
+    for marker, (module, reason) in _OPTIONAL.items():
+        config.addinivalue_line("markers", f"{marker}: {reason}; skipped when `{module}` is not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, (module, reason) in _OPTIONAL.items():
+            if item.get_closest_marker(marker) is not None and _missing(module):
+                item.add_marker(pytest.mark.skip(reason=reason))
+                break
+

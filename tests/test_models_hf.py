@@ -6,8 +6,12 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import transformers
+
+try:
+    import torch
+except ImportError:  # the `test` extra; the tests marked `torch` skip without it
+    torch = None
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -68,6 +72,7 @@ CAUSAL_CASES = {
 }
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(CAUSAL_CASES))
 def test_causal_lm_parity_and_export(case, tmp_path):
     family, overrides = CAUSAL_CASES[case]
@@ -104,6 +109,7 @@ def test_causal_lm_parity_and_export(case, tmp_path):
     assert ModelConfig.from_hf_dict(json.load(open(tmp_path / "out" / "config.json"))) == model.config
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
 def test_sequence_classification_score_parity(family, tmp_path):
     config = torch_config(family, num_labels=1)
@@ -149,6 +155,7 @@ def _rewrite_weights(src, dst, edit):
     return config
 
 
+@pytest.mark.torch
 def test_missing_tensor_is_an_error(llama_dir, tmp_path):
     config = _rewrite_weights(llama_dir, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     json.dump(config, open(tmp_path / "config.json", "w"))
@@ -156,6 +163,7 @@ def test_missing_tensor_is_an_error(llama_dir, tmp_path):
         from_pretrained(str(tmp_path))
 
 
+@pytest.mark.torch
 def test_mismatched_tensor_names_both_shapes(llama_dir, tmp_path):
     config = _rewrite_weights(llama_dir, tmp_path, lambda t: None)
     config["intermediate_size"] = 48
@@ -164,6 +172,7 @@ def test_mismatched_tensor_names_both_shapes(llama_dir, tmp_path):
         from_pretrained(str(tmp_path))
 
 
+@pytest.mark.torch
 def test_unexpected_tensors_are_an_error(llama_dir, tmp_path):
     config = _rewrite_weights(llama_dir, tmp_path, lambda t: None)
     config["num_hidden_layers"] = 1
@@ -174,6 +183,7 @@ def test_unexpected_tensors_are_an_error(llama_dir, tmp_path):
     assert model.config.num_layers == 1
 
 
+@pytest.mark.torch
 def test_scalar_head_needs_checkpoint_weight_or_rng(llama_dir):
     with pytest.raises(ValueError, match="score.weight.*head_rng"):
         from_pretrained(str(llama_dir), head="value")
@@ -183,6 +193,7 @@ def test_scalar_head_needs_checkpoint_weight_or_rng(llama_dir):
     assert float(jnp.abs(params["params"]["score"]).max()) > 0
 
 
+@pytest.mark.torch
 def test_sharded_safetensors_and_torch_bin(llama_dir, tmp_path):
     model, params = from_pretrained(str(llama_dir))
     save_pretrained(model, params, str(tmp_path / "sharded"), max_shard_size=20_000)
@@ -200,6 +211,7 @@ def test_sharded_safetensors_and_torch_bin(llama_dir, tmp_path):
                                params, other)
 
 
+@pytest.mark.torch
 def test_bf16_checkpoint_loads_into_fp32_params(llama_dir, tmp_path):
     model, params = from_pretrained(str(llama_dir))
     save_pretrained(model, params, str(tmp_path), dtype=jnp.bfloat16)
@@ -244,6 +256,7 @@ def test_transformers_default_configs_are_read():
     assert tiny_config("mistral").sliding_window is None
 
 
+@pytest.mark.torch
 def test_lm_plus_value_model_exports_each_view(tmp_path):
     from jrlhf.models import init_model
 
@@ -268,6 +281,7 @@ def test_lm_plus_value_model_exports_each_view(tmp_path):
         save_pretrained(value_model, value_params, str(tmp_path / "bad"), head="lm")
 
 
+@pytest.mark.torch
 def test_sharded_load_through_logical_axes(llama_dir):
     """Tensor-parallel (heads, kv_heads, mlp, vocab) x fsdp (embed) placement from the logical axis names."""
     import flax.linen as nn

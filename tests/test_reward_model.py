@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jrlhf
 from jrlhf.algorithms import reward
@@ -67,6 +66,7 @@ def test_lm_regularised_loss_is_bradley_terry_plus_chosen_token_nll():
     assert reward.head(Cfg) == "lm+value"
 
 
+@pytest.mark.torch
 def test_lm_regularised_run_exports_a_score_model_transformers_loads(tmp_path):
     train = tmp_path / "pref.jsonl"
     write_jsonl(str(train), load_records("builtin:addition/preference_train.jsonl")[:64])
@@ -79,6 +79,7 @@ def test_lm_regularised_run_exports_a_score_model_transformers_loads(tmp_path):
         "train": {"output_dir": str(tmp_path / "rm"), "steps": 3, "log_every": 1, "progress_bar": False,
                   "tensorboard": False},
     })
+    import torch
     import transformers
 
     from jrlhf.data import load_tokenizer, tokenize_preference

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-trl = pytest.importorskip("trl", minversion="1.16")
-pytest.importorskip("datasets")
+_EXTRA = "install the `test` extra, pip install -e '.[test]'"
+torch = pytest.importorskip("torch", reason=f"needs PyTorch (torch): {_EXTRA}")
+trl = pytest.importorskip("trl", minversion="1.16", reason=f"needs TRL>=1.16: {_EXTRA}")
+pytest.importorskip("datasets", reason=f"needs datasets: {_EXTRA}")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
