@@ -2,7 +2,6 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install install-test demo test bench bench-dry clean
 

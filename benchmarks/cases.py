@@ -30,6 +30,31 @@ DESCRIPTIONS = {
 }
 
 
+# The systems each benchmark compares: jrlhf, "trl" (TRL's trainer, or transformers.generate for generation) and
+# "plain" (a plain PyTorch training loop: same loss, AdamW, no trainer).
+SYSTEMS = {
+    "dpo_step": ("jrlhf", "trl", "plain"),
+    "grpo_update_step": ("jrlhf", "trl", "plain"),
+    "grpo_whole_step": ("jrlhf", "trl"),
+    "ppo_update_step": ("jrlhf", "plain"),  # TRL 1.16 has no PPO trainer
+    "sft_step": ("jrlhf", "trl", "plain"),
+    "reward_step": ("jrlhf", "trl"),
+    "generate_greedy": ("jrlhf", "trl"),
+    "generate_sampled": ("jrlhf", "trl"),
+}
+
+REFERENCE_LABELS = {
+    ("dpo_step", "trl"): "TRL DPOTrainer", ("dpo_step", "plain"): "plain PyTorch DPO loop",
+    ("grpo_update_step", "trl"): "TRL GRPOTrainer (given rollouts)",
+    ("grpo_update_step", "plain"): "plain PyTorch GRPO loop",
+    ("grpo_whole_step", "trl"): "TRL GRPOTrainer", ("ppo_update_step", "plain"): "plain PyTorch PPO loop",
+    ("sft_step", "trl"): "TRL SFTTrainer", ("sft_step", "plain"): "plain PyTorch SFT loop",
+    ("reward_step", "trl"): "TRL RewardTrainer",
+    ("generate_greedy", "trl"): "transformers generate (greedy)",
+    ("generate_sampled", "trl"): "transformers generate (sampled)",
+}
+
+
 def parse_benchmarks(text: str | None) -> tuple[str, ...]:
     """``"dpo_step,sft_step"`` -> the names, checked (``None`` / ``"all"``: every benchmark)."""
     if text is None or text == "all":
@@ -119,7 +144,9 @@ def make_inputs(size: BenchSize, paths: dict, seed: int = 0, shape: Shape | None
     """The shared token data of a size: sequences, the rollout, GRPO's prompts, the generation prompts. ``shape``
     (for the FLOP counts; see :func:`model_shape`) may be left out where FLOPs are not reported."""
     seqs = bdata.make_sequences(size, seed)
-    prompt_ids, prompt_mask = left_pad(seqs.prompts, size.prompt_length)
+    prompts = (seqs.prompts if size.gen_rows == size.batch_size
+               else bdata.make_sequences(size, seed + 11, rows=size.gen_rows).prompts)
+    prompt_ids, prompt_mask = left_pad(prompts, size.prompt_length)
     return Inputs(size=size, paths=paths, seqs=seqs, rollout=make_rollout(size, seqs, seed),
                   group_prompts=seqs.prompts[:: size.num_generations], prompt_ids=prompt_ids,
                   prompt_mask=prompt_mask, shape=shape)
@@ -142,22 +169,31 @@ def flops(name: str, size: BenchSize, shape: Shape) -> float:
     if name == "grpo_whole_step":
         return generation_flops(shape, b, p, n, prefill_rows=size.num_prompts) + train_flops(shape, b, t)
     if name in ("generate_greedy", "generate_sampled"):
-        return generation_flops(shape, b, p, n)
+        return generation_flops(shape, size.gen_rows, p, size.gen_new_tokens)
     raise ValueError(f"unknown benchmark {name!r}")
 
 
 def build(name: str, system: str, inputs: Inputs, mesh=None):
-    """The :class:`benchmarks.timing.Runner` of ``system`` (``"jrlhf"`` or ``"pytorch"``) for benchmark ``name``."""
+    """The :class:`benchmarks.timing.Runner` of ``system`` (``"jrlhf"``, ``"trl"`` or ``"plain"``, see
+    :data:`SYSTEMS`) for benchmark ``name``."""
     from benchmarks import jrlhf_side, torch_side
 
     size, paths, seqs = inputs.size, inputs.paths, inputs.seqs
     f = flops(name, size, inputs.shape) if inputs.shape is not None else 0.0
+    if system not in SYSTEMS.get(name, ()):
+        raise ValueError(f"system={system!r} is not compared on {name!r}; choose among {SYSTEMS.get(name)}")
+    if system == "plain":
+        if name == "dpo_step":
+            return torch_side.plain_dpo(size, paths, jrlhf_side.preference_batch(seqs, size.sequence_length), f)
+        if name == "sft_step":
+            return torch_side.plain_sft(size, paths, jrlhf_side.sft_batch(seqs, size.sequence_length), f)
+        if name == "grpo_update_step":
+            return torch_side.plain_grpo_update(size, paths, inputs.rollout, f)
+        return torch_side.ppo_update(size, paths, inputs.rollout, f)
     if system == "jrlhf":
         side, extra = jrlhf_side, {"mesh": mesh}
-    elif system == "pytorch":
-        side, extra = torch_side, {}
     else:
-        raise ValueError(f"system={system!r}: use 'jrlhf' or 'pytorch'")
+        side, extra = torch_side, {}
     if name in ("dpo_step", "sft_step", "reward_step"):
         return getattr(side, name.split("_")[0])(size, paths, seqs, f, **extra)
     if name == "grpo_update_step":

@@ -95,7 +95,8 @@ def model_config(size: BenchSize):
     from jrlhf.models import ModelConfig
 
     hf = dict(size.hf_config, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    return ModelConfig.from_hf_dict(hf, dtype=size.dtype, param_dtype="float32")
+    return ModelConfig.from_hf_dict(hf, dtype=size.dtype, param_dtype="float32", remat=size.remat,
+                                    scan_unroll=size.scan_unroll)
 
 
 def write_checkpoint(size: BenchSize, directory: str, seed: int = 0) -> dict:

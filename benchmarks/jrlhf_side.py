@@ -110,7 +110,7 @@ def setup(size: BenchSize, path: str, head: str = "lm", mesh=None, algo_state=No
     from jrlhf.step import OptimizerConfig, init_train_state, make_optimizer
 
     model, params = from_pretrained(path, dtype=size.dtype, param_dtype="float32", head=head,
-                                    scan_unroll=size.scan_unroll)
+                                    scan_unroll=size.scan_unroll, remat=size.remat)
     mesh = make_mesh() if mesh is None else mesh
     specs = logical_axes(model)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, max_grad_norm=1.0, weight_decay=0.0),
@@ -319,14 +319,14 @@ def generation(size: BenchSize, paths: dict, prompt_ids: np.ndarray, prompt_mask
     params = put_global(params, replicated(mesh))
     ids = put_global(np.asarray(prompt_ids, np.int32), batch_sharding(mesh))
     mask = put_global(np.asarray(prompt_mask, np.int32), batch_sharding(mesh))
-    tokens = int(np.sum(prompt_mask)) + size.completion_length * int(prompt_ids.shape[0])
+    tokens = int(np.sum(prompt_mask)) + size.gen_new_tokens * int(prompt_ids.shape[0])
     counter = {"step": 0}
     key = jax.random.key(2)
 
     def run() -> int:
         counter["step"] += 1
         out = sampling.generate(model, params, ids, mask, jax.random.fold_in(key, counter["step"]),
-                                max_new_tokens=size.completion_length, temperature=1.0 if sample else 0.0,
+                                max_new_tokens=size.gen_new_tokens, temperature=1.0 if sample else 0.0,
                                 top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=bdata.PAD)
         jax.block_until_ready(out)
         return tokens

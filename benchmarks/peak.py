@@ -1,8 +1,8 @@
 """The peak FLOP/s that MFU is measured against.
 
-On CPU the peak is measured first: the best throughput of a square float32 matmul, through XLA (``jax.jit``) and
-through torch (``torch.mm``), each with the benchmark's threads, over a few sizes and repeats (the best repeat, so
-a loaded machine lowers it less). On GPUs and TPUs it is the vendor's dense peak for the compute dtype, from
+On CPU the peak is measured in the same run: the best throughput of a square float32 matmul, through XLA
+(``jax.jit``) and through torch (``torch.mm``), each stack in its own process at its own threading, over a few sizes
+and repeats (the best repeat, so a loaded machine lowers it less). On GPUs and TPUs it is the vendor's dense peak for the compute dtype, from
 :data:`ACCELERATOR_PEAKS`.
 """
 
@@ -51,29 +51,43 @@ def _best_rate(run, flops: float, repeats: int, inner: int) -> float:
     return flops / best
 
 
-def measure_cpu_peak(sizes=(1024, 2048), repeats: int = 5, inner: int = 3) -> dict:
-    """Best float32 square-matmul FLOP/s of XLA and of torch on this process's threads.
-
-    Returns ``{"source": "measured", "flops_per_s": max of both, "xla": {n: flops/s}, "torch": {n: flops/s}}``.
-    """
-    import jax
-    import jax.numpy as jnp
+def measure_stack(stack: str, sizes=(1024, 2048), repeats: int = 5, inner: int = 3) -> dict:
+    """Best float32 square-matmul FLOP/s of one stack in this process at its current threading: ``stack="xla"``
+    (``jax.jit(x @ y)``) or ``"torch"`` (``torch.mm``). Returns ``{"stack", "flops_per_s": best, "by_size": {n:
+    flops/s}}``."""
     import numpy as np
-    import torch
 
-    xla, ref = {}, {}
+    rates = {}
     for n in sizes:
-        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-        matmul = jax.jit(lambda x, y: x @ y)
-        matmul(a, a).block_until_ready()
-        xla[n] = _best_rate(lambda: matmul(a, a).block_until_ready(), 2.0 * n ** 3, repeats, inner)
-        t = torch.from_numpy(np.asarray(a))
-        torch.mm(t, t)
-        with torch.inference_mode():
-            ref[n] = _best_rate(lambda: torch.mm(t, t), 2.0 * n ** 3, repeats, inner)
-    best = max(max(xla.values()), max(ref.values()))
-    return {"source": "measured", "device": "cpu", "dtype": "float32", "flops_per_s": best,
-            "xla": {str(k): v for k, v in xla.items()}, "torch": {str(k): v for k, v in ref.items()}}
+        host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+        if stack == "xla":
+            import jax
+            import jax.numpy as jnp
+
+            a = jnp.asarray(host)
+            matmul = jax.jit(lambda x, y: x @ y)
+            matmul(a, a).block_until_ready()
+            rates[n] = _best_rate(lambda: matmul(a, a).block_until_ready(), 2.0 * n ** 3, repeats, inner)
+        elif stack == "torch":
+            import torch
+
+            t = torch.from_numpy(host)
+            with torch.inference_mode():
+                torch.mm(t, t)
+                rates[n] = _best_rate(lambda: torch.mm(t, t), 2.0 * n ** 3, repeats, inner)
+        else:
+            raise ValueError(f"stack={stack!r}: use 'xla' or 'torch'")
+    return {"stack": stack, "flops_per_s": max(rates.values()), "by_size": {str(k): v for k, v in rates.items()}}
+
+
+def combine_cpu_peaks(measured: dict) -> dict:
+    """The CPU peak for MFU from per-stack measurements ``{"xla": measure_stack(...), "torch": ...}``: the best of
+    them (each measured in its own process at its own threading)."""
+    rates = {stack: m["flops_per_s"] for stack, m in measured.items() if m and m.get("flops_per_s")}
+    if not rates:
+        return {"source": "unknown", "flops_per_s": None}
+    return {"source": "measured", "device": "cpu", "dtype": "float32", "flops_per_s": max(rates.values()),
+            "stacks": rates}
 
 
 def device_peak(dtype: str) -> dict:
@@ -82,7 +96,7 @@ def device_peak(dtype: str) -> dict:
 
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return measure_cpu_peak()
+        return combine_cpu_peaks({"xla": measure_stack("xla")})
     peak = accelerator_peak(device.device_kind, dtype)
     if peak is None:
         return {"source": "unknown", "device": device.device_kind, "dtype": dtype, "flops_per_s": None}

@@ -33,17 +33,14 @@ def batch_shapes(name: str, size: BenchSize) -> dict:
         if name == "grpo_whole_step":
             out["prompt_ids (sampler input)"] = [size.num_prompts, p]
         return out
-    return {"prompt_ids": [b, p], "prompt_mask": [b, p], "tokens (output)": [b, n]}
+    rows = size.gen_rows
+    return {"prompt_ids": [rows, p], "prompt_mask": [rows, p], "tokens (output)": [rows, size.gen_new_tokens]}
 
 
 def build_plan(size: BenchSize, names, shape: Shape) -> dict:
     """Per benchmark: what the reference is, the batch shapes and the model FLOPs of one step."""
-    references = {
-        "dpo_step": "TRL DPOTrainer", "sft_step": "TRL SFTTrainer", "reward_step": "TRL RewardTrainer",
-        "grpo_update_step": "TRL GRPOTrainer (given rollouts)", "grpo_whole_step": "TRL GRPOTrainer",
-        "ppo_update_step": "PyTorch PPO (hand-written on transformers)",
-        "generate_greedy": "transformers generate (greedy)", "generate_sampled": "transformers generate (sampled)",
-    }
+    references = {name: ", ".join(cases.REFERENCE_LABELS[(name, system)] for system in cases.SYSTEMS[name]
+                                  if system != "jrlhf") for name in cases.SYSTEMS}
     tied = bool(size.hf_config.get("tie_word_embeddings", False))
     return {
         "parameters": parameter_count(shape, tied),
@@ -106,11 +103,12 @@ def abstract_check(size: BenchSize, names) -> dict:
         shardings = train_state_shardings(params, optimizer, mesh=mesh, param_specs=specs, algo_state=algo_state)
         frozen = None
         if name in ("generate_greedy", "generate_sampled", "grpo_whole_step"):
-            rows = size.num_prompts if name == "grpo_whole_step" else b
+            rows = size.num_prompts if name == "grpo_whole_step" else size.gen_rows
             samples = size.num_generations if name == "grpo_whole_step" else 1
+            new = n if name == "grpo_whole_step" else size.gen_new_tokens
 
             def sample(params, ids, mask, key):
-                return sampling.generate(model, params, ids, mask, key, max_new_tokens=n, num_samples=samples,
+                return sampling.generate(model, params, ids, mask, key, max_new_tokens=new, num_samples=samples,
                                          temperature=1.0, eos_token_id=bdata.EOS, pad_token_id=bdata.PAD)
 
             shapes = jax.eval_shape(sample, params, _sds([rows, p], i32), _sds([rows, p], i32),

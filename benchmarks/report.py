@@ -21,60 +21,126 @@ def _rate(flops_per_s, peak) -> str:
     return text
 
 
-def _compile(summary: dict) -> str:
-    if summary.get("compiles") == 0:
-        return "cached"
-    text = _fmt(summary.get("compile_s"), ".1f")
-    if summary.get("compile_cpu_s") is not None:
-        text += f" ({summary['compile_cpu_s']:.1f})"
-    return text
+SYSTEM_NAMES = {"trl": "TRL / transformers", "plain": "plain PyTorch loop"}
+
+
+def peak_flops(result: dict) -> float | None:
+    """The peak MFU is measured against: the best of the run's measurements (start and end) or the datasheet's."""
+    values = [p.get("flops_per_s") for p in (result.get("peak"), result.get("peak_end")) if p]
+    values = [v for v in values if v]
+    return max(values) if values else None
+
+
+def _peak_line(result: dict) -> str | None:
+    peak = peak_flops(result)
+    if not peak:
+        return None
+    parts = []
+    for when in ("peak", "peak_end"):
+        p = result.get(when) or {}
+        if p.get("source") == "measured":
+            stacks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.get("stacks", {}).items())
+            parts.append(f"{'start' if when == 'peak' else 'end'}: {stacks} GFLOP/s")
+        elif p:
+            parts.append(f"{p.get('source')}")
+    return f"- peak for MFU: {peak / 1e9:.0f} GFLOP/s ({'; '.join(parts)}; float32 square matmul, each stack in " \
+           "its own process)" if (result.get("peak") or {}).get("source") == "measured" else \
+        f"- peak for MFU: {peak / 1e12:.0f} TFLOP/s ({'; '.join(parts)})"
+
+
+def _settings(result: dict) -> str:
+    seen = {}
+    for row in result["benchmarks"]:
+        for system, record in row.get("systems", {}).items():
+            if "ready" in record and system not in seen:
+                seen[system] = record["ready"].get("settings", {})
+    parts = []
+    for system, settings in seen.items():
+        text = ", ".join(f"{k}={v}" for k, v in settings.items())
+        parts.append(f"{system}: {text or 'defaults'}")
+    return "; ".join(parts)
 
 
 def header(result: dict) -> list[str]:
-    """The lines describing the run: size, shapes, machine, peak, command."""
+    """The lines describing the run: size, shapes, machine, load, peak, threading, command."""
     meta, size = result["meta"], result["size"]
-    peak = result.get("peak") or {}
     prompts = size["batch_size"] // size["num_generations"]
-    lines = [f"### jrlhf vs PyTorch: `--size {size['name']}`", "",
+    lines = [f"### jrlhf vs TRL, a plain PyTorch loop and transformers.generate: `--size {size['name']}`", "",
+             f"- command: `{meta.get('command')}` (git {meta.get('git_commit')}, {meta.get('time')})",
              f"- model: {size['description']}; {size['dtype']}",
              f"- batch {size['batch_size']} sequences (DPO/reward: pairs; GRPO: {prompts}"
              f" prompts x {size['num_generations']} generations), prompt {size['prompt_length']}, completion "
-             f"{size['completion_length']} tokens (lengths vary from half to all of it; one row is full-length)",
-             f"- machine: {meta.get('device', '?')}, {meta.get('threads')} threads for both stacks, "
-             f"OMP_WAIT_POLICY=PASSIVE; jax {meta.get('jax')}, torch {meta.get('torch')}, "
-             f"transformers {meta.get('transformers')}, trl {meta.get('trl')}"]
-    if peak.get("flops_per_s"):
-        detail = ""
-        if peak.get("source") == "measured":
-            detail = (f" (best float32 matmul: XLA {max(peak['xla'].values()) / 1e9:.0f}, torch "
-                      f"{max(peak['torch'].values()) / 1e9:.0f} GFLOP/s)")
-        lines.append(f"- peak for MFU: {peak['flops_per_s'] / 1e9:.0f} GFLOP/s, {peak['source']}{detail}")
-    lines.append(f"- {meta.get('warmup')} warm-up + {meta.get('repeats')} timed steps per system, alternating "
-                 f"(reference step, jrlhf step, ...); medians; load average at start "
-                 f"{', '.join(f'{x:.1f}' for x in meta.get('load_average', ()))}")
-    lines.append(f"- command: `{meta.get('command')}`")
+             f"{size['completion_length']} tokens (lengths from half to all of it; one row full-length); generation "
+             f"{size.get('generation_rows', size['batch_size'])} rows x "
+             f"{size.get('generation_new_tokens', size['completion_length'])} new tokens",
+             f"- machine: {meta.get('device', '?')}, {meta.get('cpu_count')} CPUs; jax {meta.get('jax')}, torch "
+             f"{meta.get('torch')}, transformers {meta.get('transformers')}, trl {meta.get('trl')}",
+             f"- load before: `{meta.get('uptime_before')}`; after: `{meta.get('uptime_after', '?')}`",
+             f"- each system in its own process, threading: {_settings(result) or '-'}",
+             f"- timing: {meta.get('warmup')} warm-up steps, then {meta.get('rounds')} rounds of {meta.get('block')} "
+             "timed steps per system, one process computing at a time, the order reversed every round; medians "
+             "over all timed steps; the ratio range is over the rounds"]
+    line = _peak_line(result)
+    if line:
+        lines.append(line)
     return lines
 
 
+def _cell_ratio(ratio: dict | None) -> str:
+    if not ratio:
+        return "-"
+    return f"**{ratio['ratio']:.2f}x** ({ratio['round_min']:.2f}-{ratio['round_max']:.2f})"
+
+
+def _mfu(summary: dict | None, peak) -> str:
+    if not summary or not summary.get("achieved_flops_per_s") or not peak:
+        return "-"
+    return f"{100 * summary['achieved_flops_per_s'] / peak:.0f}%"
+
+
 def throughput_table(result: dict) -> list[str]:
-    """The main table: median tokens/s of both systems and their ratio, compile time, achieved FLOP/s."""
-    peak = (result.get("peak") or {}).get("flops_per_s")
-    lines = ["| benchmark | PyTorch reference | tokens/step | reference tok/s | jrlhf tok/s | jrlhf / ref "
-             "| jrlhf / ref per CPU-s | jrlhf compile s (CPU s) | jrlhf FLOP/s (MFU) | ref FLOP/s (MFU) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """The main table: median tokens/s of every system, jrlhf's ratios to each, compile and first-step times, MFU."""
+    peak = peak_flops(result)
+    lines = ["| benchmark | tokens/step | jrlhf tok/s | TRL / generate tok/s | plain loop tok/s | jrlhf / TRL "
+             "| jrlhf / plain loop | jrlhf compile s | first step s: jrlhf / TRL / plain | MFU: jrlhf / TRL / plain |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["benchmarks"]:
+        title = DESCRIPTIONS.get(row["name"], row["name"])
         if "error" in row:
-            lines.append(f"| {DESCRIPTIONS.get(row['name'], row['name'])} | error: {row['error']} "
-                         "| | | | | | | | |")
+            lines.append(f"| {title} | error: {row['error']} | | | | | | | | |")
             continue
-        ref, jr = row["reference"], row["jrlhf"]
+        systems = row["systems"]
+        summary = {s: r.get("summary") for s, r in systems.items()}
+        jr = summary["jrlhf"]
+
+        def rate(system):
+            record = systems.get(system)
+            if record is None:
+                return "-"
+            if "error" in record:
+                return "error"
+            return f"{record['summary']['median_tokens_per_s']:.0f}"
+
+        def first(system):
+            record = systems.get(system) or {}
+            if system == "jrlhf":  # compile() ran the first call
+                return _fmt((record.get("ready") or {}).get("compile_and_first_call_s"), ".1f")
+            warm = record.get("warmup_seconds") or []
+            return f"{warm[0]:.1f}" if warm else "-"
+
+        ready = systems["jrlhf"]["ready"]
+        compile_text = "cached" if ready.get("compiles") == 0 else _fmt(ready.get("compile_s"), ".1f")
         recompiles = f" ({jr['recompiles']} recompiles!)" if jr.get("recompiles") else ""
         lines.append(
-            f"| {DESCRIPTIONS.get(row['name'], row['name'])} | {ref['label']} | {jr['tokens_per_step']:.0f} "
-            f"| {ref['median_tokens_per_s']:.0f} | {jr['median_tokens_per_s']:.0f} | **{row['speedup']:.2f}x** "
-            f"| {_fmt(row.get('speedup_cpu'), '.2f')}x "
-            f"| {_compile(jr)}{recompiles} | {_rate(jr['achieved_flops_per_s'], peak)} "
-            f"| {_rate(ref['achieved_flops_per_s'], peak)} |")
+            f"| {title} | {jr['tokens_per_step']:.0f} | {rate('jrlhf')} | {rate('trl')} | {rate('plain')} "
+            f"| {_cell_ratio(row.get('ratios', {}).get('trl'))} | {_cell_ratio(row.get('ratios', {}).get('plain'))} "
+            f"| {compile_text}{recompiles} | {first('jrlhf')} / {first('trl')} / {first('plain')} "
+            f"| {_mfu(jr, peak)} / {_mfu(summary.get('trl'), peak)} / {_mfu(summary.get('plain'), peak)} |")
+    labels = sorted({(row["name"], s, r["ready"]["label"]) for row in result["benchmarks"]
+                     for s, r in row.get("systems", {}).items() if s != "jrlhf" and "ready" in r})
+    if labels:
+        lines += ["", "References: " + "; ".join(f"{name} {SYSTEM_NAMES.get(s, s)} = {label}"
+                                                 for name, s, label in labels) + "."]
     return lines
 
 
@@ -89,16 +155,16 @@ def memory_table(result: dict) -> list[str]:
         for rec in out["results"]:
             by.setdefault(rec["name"], {})[system] = rec
     lines = ["| benchmark | jrlhf peak RSS MiB (+ over start; + during steps) "
-             "| PyTorch peak RSS MiB (+ over start; + during steps) | jrlhf device peak MiB "
-             "| PyTorch device peak MiB |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| TRL peak RSS MiB (...) | plain loop peak RSS MiB (...) | device peak MiB: jrlhf | TRL | plain |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, systems in by.items():
         cells = []
-        for system in ("jrlhf", "pytorch"):
+        for system in ("jrlhf", "trl", "plain"):
             rec = systems.get(system)
             cells.append("-" if rec is None else
                          f"{_fmt(rec['peak_rss_mib'])} ({_fmt(rec['peak_rss_delta_mib'], '+.0f')}; "
                          f"{_fmt(rec.get('steps_peak_rss_delta_mib'), '+.0f')})")
-        for system in ("jrlhf", "pytorch"):
+        for system in ("jrlhf", "trl", "plain"):
             rec = systems.get(system) or {}
             cells.append(_fmt(rec.get("device_peak_mib")))
         lines.append(f"| {DESCRIPTIONS.get(name, name)} | " + " | ".join(cells) + " |")
@@ -137,15 +203,15 @@ def scaling_table(result: dict) -> list[str]:
 def notes() -> list[str]:
     return [
         "Notes:",
-        "- Tokens are non-pad prompt + completion tokens counted the same way for both systems (DPO and reward: "
-        "chosen and rejected sequences each with their prompt; GRPO: prompts x num_generations rows).",
-        "- The comparison is step to step: jrlhf's compiled step on a batch already on the device against the "
-        "PyTorch step from `on_step_begin` to `on_step_end` inside the TRL trainer's own loop (data loading, "
-        "collation and logging excluded on both sides). The GRPO whole step times generation + reward + update on "
-        "both sides. Both training loops add host work on top of this.",
-        "- `per CPU-s`: the same ratio with process CPU seconds (all threads) instead of wall seconds; on a "
-        "shared machine wall time also counts the time spent waiting for a core. `cached`: the program was "
-        "compiled by the previous row (same model and static settings).",
+        "- Tokens are non-pad prompt + completion tokens counted the same way for every system (DPO and reward: "
+        "chosen and rejected sequences each with their prompt; GRPO: prompts x num_generations rows; generation: "
+        "prompt tokens + new tokens).",
+        "- jrlhf's compiled step runs on a batch already on the device; a TRL step is timed inside the trainer's "
+        "own loop from `on_step_begin` to `on_step_end` (data loading, collation and logging excluded); a plain "
+        "loop step is forward(s) + loss + backward + clipping + AdamW on tensors already built.",
+        "- First step: jrlhf's compile (trace + lowering + XLA) and first call; the PyTorch systems' first eager "
+        "step. `cached`: compiled by an earlier benchmark in the same process (not the case with one process per "
+        "benchmark).",
         "- FLOPs: 2 per multiply-add of every weight matmul (LM head included) plus attention scores/values over "
         "the padded shapes; training = 3 forwards (+1 per frozen reference forward); generation counts the "
         "prefill once per distinct prompt and one single-token forward per new token. MFU = model FLOPs / median "
@@ -177,14 +243,16 @@ def plot(result: dict, path: str) -> str | None:
     import numpy as np
 
     names = [r["name"] for r in rows]
-    ref = [r["reference"]["median_tokens_per_s"] for r in rows]
-    jr = [r["jrlhf"]["median_tokens_per_s"] for r in rows]
+    def rates(system):
+        return [((r["systems"].get(system) or {}).get("summary") or {}).get("median_tokens_per_s") or 0.0
+                for r in rows]
+
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
-    ax.bar(x - 0.2, ref, 0.4, label="PyTorch reference (TRL / transformers)", color="#999999")
-    ax.bar(x + 0.2, jr, 0.4, label="jrlhf", color="#1f77b4")
-    for i, r in enumerate(rows):
-        ax.text(x[i] + 0.2, jr[i] * 1.05, f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=8)
+    for offset, system, label, color in ((-0.27, "trl", "TRL / transformers.generate", "#999999"),
+                                         (0.0, "plain", "plain PyTorch loop", "#ff7f0e"),
+                                         (0.27, "jrlhf", "jrlhf", "#1f77b4")):
+        ax.bar(x + offset, rates(system), 0.27, label=label, color=color)
     ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)

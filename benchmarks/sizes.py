@@ -33,6 +33,12 @@ class BenchSize:
       description: one line for the report.
       scan_unroll: jrlhf's ``ModelConfig.scan_unroll`` (layers per iteration of the scan over layers): the layer
         count (fully unrolled) for the shallow CPU sizes, 1 (a rolled loop, fastest to compile) for the large ones.
+      generation_rows, generation_new_tokens: rows and new tokens of the generation benchmarks (default
+        ``batch_size`` and ``completion_length``).
+      remat: jrlhf's ``ModelConfig.remat`` for the training steps (``"none"``, ``"full"``...).
+      model_path: a real Hugging Face checkpoint both systems load instead of random weights (``None``: a random
+        checkpoint is written per run); its sizes define ``hf_config``.
+      benchmarks: the benchmarks the size supports (``None``: all).
     """
 
     name: str
@@ -45,6 +51,21 @@ class BenchSize:
     accelerator: bool
     description: str
     scan_unroll: int = 1
+    generation_rows: int | None = None
+    generation_new_tokens: int | None = None
+    remat: str = "none"
+    model_path: str | None = None
+    benchmarks: tuple | None = None
+
+    @property
+    def gen_rows(self) -> int:
+        """Rows of the generation benchmarks."""
+        return self.generation_rows or self.batch_size
+
+    @property
+    def gen_new_tokens(self) -> int:
+        """New tokens per row of the generation benchmarks."""
+        return self.generation_new_tokens or self.completion_length
 
     @property
     def sequence_length(self) -> int:
@@ -107,15 +128,61 @@ SIZES: dict[str, BenchSize] = {
                        max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
                        tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.02),
         batch_size=16, prompt_length=256, completion_length=512, num_generations=8, dtype="bfloat16",
-        accelerator=True, description="Qwen2-0.5B shape (494M params), bf16; one GPU/TPU"),
+        accelerator=True, description="Qwen2-0.5B shape (494M params), bf16; one GPU/TPU",
+        generation_rows=64, generation_new_tokens=512),
+    "qwen2-1.5b": BenchSize(
+        name="qwen2-1.5b",
+        hf_config=dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                       max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.02),
+        batch_size=16, prompt_length=256, completion_length=512, num_generations=8, dtype="bfloat16",
+        accelerator=True, description="Qwen2-1.5B shape (1.54B params), bf16, full remat; one GPU/TPU",
+        generation_rows=64, generation_new_tokens=512, remat="full"),
 }
 
+# Benchmarks a real checkpoint supports: those on the causal LM alone (no value or score head in the checkpoint).
+LM_BENCHMARKS = ("dpo_step", "grpo_update_step", "sft_step", "generate_greedy", "generate_sampled")
 
-def get_size(name: str, scan_unroll: int | None = None) -> BenchSize:
-    """The :class:`BenchSize` called ``name`` (with ``scan_unroll`` replaced unless ``None``); an unknown name is an
-    error listing the valid ones."""
+
+def real_size(path: str, name: str = "smollm2-135m", batch_size: int = 8, prompt_length: int = 256,
+              completion_length: int = 256) -> BenchSize:
+    """A size on the real Hugging Face checkpoint at ``path`` (its ``config.json`` gives the shapes): float32,
+    ``batch_size`` rows of ``prompt_length + completion_length`` tokens (DPO: 8 pairs x 512 tokens), generation of
+    ``completion_length`` new tokens per row. Raises ``ValueError`` when ``path`` has no ``config.json``."""
+    import json
+    import os
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--model-path {path!r}: no config.json there; pass a Hugging Face checkpoint folder "
+                         "(e.g. the converted SmolLM2-135M-Instruct)")
+    with open(config_path) as f:
+        hf = json.load(f)
+    keep = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
+            "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
+            "initializer_range", "hidden_act")
+    hf_config = {k: hf[k] for k in keep if k in hf}
+    layers = hf_config.get("num_hidden_layers", 0)
+    return BenchSize(
+        name=name, hf_config=hf_config, batch_size=batch_size, prompt_length=prompt_length,
+        completion_length=completion_length, num_generations=4, dtype="float32", accelerator=False,
+        description=(f"real checkpoint {os.path.basename(os.path.normpath(path))}: {hf_config.get('model_type')}, "
+                     f"hidden {hf_config.get('hidden_size')}, {layers} layers, vocab {hf_config.get('vocab_size')}"),
+        scan_unroll=1, model_path=path, benchmarks=LM_BENCHMARKS)
+
+
+def get_size(name: str, scan_unroll: int | None = None, model_path: str | None = None) -> BenchSize:
+    """The :class:`BenchSize` called ``name`` (with ``scan_unroll`` replaced unless ``None``); with ``model_path``
+    the size of that real checkpoint (:func:`real_size`, named ``name``). An unknown name is an error listing the
+    valid ones."""
+    if model_path is not None:
+        size = real_size(model_path, name=name)
+        return size if scan_unroll is None else size.replace(scan_unroll=scan_unroll)
     if name not in SIZES:
-        raise ValueError(f"--size {name!r} is not defined; choose one of {', '.join(SIZES)}")
+        raise ValueError(f"--size {name!r} is not defined; choose one of {', '.join(SIZES)} (or give --model-path "
+                         "for a real checkpoint)")
     size = SIZES[name]
     return size if scan_unroll is None else size.replace(scan_unroll=scan_unroll)
 
@@ -186,3 +253,18 @@ def parameter_count(shape: Shape, tied: bool) -> int:
     when tied)."""
     embed = shape.vocab_size * shape.hidden_size
     return matmul_weights(shape, lm_head=not tied) + embed
+
+
+def shrink(size: BenchSize) -> BenchSize:
+    """The same architecture family, dtype, remat and benchmark layout as ``size`` at tiny shapes, run on the CPU:
+    how an accelerator plan (``make bench-gpu``) is checked end to end on a machine without one."""
+    hf = dict(size.hf_config)
+    if hf.get("model_type") == "gpt2":
+        hf.update(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=128)
+    else:
+        hf.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return size.replace(name=f"{size.name}-shrunk", hf_config=hf, batch_size=4, prompt_length=16,
+                        completion_length=16, num_generations=2, accelerator=False, generation_rows=4,
+                        generation_new_tokens=16,
+                        description=f"{size.name}'s layout at tiny shapes (hidden 64, 2 layers), {size.dtype}; CPU")

@@ -1,5 +1,9 @@
-"""The PyTorch reference of every benchmark: TRL 1.16's trainers where they run offline on a local model, else the
-same loss hand-written on ``transformers`` models (labelled as such).
+"""The PyTorch side of every benchmark, two kinds of reference:
+
+- ``system="trl"``: TRL 1.16's trainers where they exist (DPO, SFT, reward, GRPO) and ``transformers.generate``;
+- ``system="plain"``: a plain PyTorch training loop on the same ``transformers`` model (the same loss, AdamW, gradient
+  clipping, no trainer): DPO, SFT, the GRPO update and the PPO update (TRL 1.16 has no PPO trainer). This is the bar
+  a compiled step has to clear: eager PyTorch without a trainer's per-step work around it.
 
 TRL trainers are timed inside their own ``Trainer.train()`` loop: a callback takes the time from ``on_step_begin``
 to ``on_step_end``, which covers ``training_step`` (TRL's ``_prepare_inputs`` -- for GRPO the generation, the reward
@@ -74,7 +78,7 @@ class TrainerRunner(Runner):
         ``compute_loss`` receives.
     """
 
-    system = "pytorch"
+    system = "trl"
 
     def __init__(self, name: str, label: str, trainer, count_tokens: Callable, flops: float, cleanup=None):
         super().__init__(name, label, flops)
@@ -270,13 +274,13 @@ def grpo_update(size: BenchSize, paths: dict, rollout: dict, prompts: list, rewa
 
 
 class StepRunner(Runner):
-    """A hand-written PyTorch step ``step() -> tokens`` timed by the generic loop."""
+    """A PyTorch step ``step() -> tokens`` timed by the generic loop (``system``: ``"plain"`` for a hand-written
+    training loop, ``"trl"`` for ``transformers.generate``)."""
 
-    system = "pytorch"
-
-    def __init__(self, name: str, label: str, step: Callable[[], int], flops: float):
+    def __init__(self, name: str, label: str, step: Callable[[], int], flops: float, system: str = "plain"):
         super().__init__(name, label, flops)
         self._step = step
+        self.system = system
 
     def compile(self) -> float | None:
         return None
@@ -367,7 +371,7 @@ def ppo_update(size: BenchSize, paths: dict, rollout: dict, flops: float, kl_coe
         metrics["entropy"] = entropy.item()
         return tokens
 
-    return StepRunner("ppo_update_step", "PyTorch PPO (hand-written on transformers)", step, flops)
+    return StepRunner("ppo_update_step", "plain PyTorch PPO loop", step, flops)
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -384,7 +388,7 @@ def generation(size: BenchSize, paths: dict, prompt_ids: np.ndarray, prompt_mask
     model.generation_config.eos_token_id = None
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     mask = torch.tensor(prompt_mask, dtype=torch.long, device=device)
-    n = size.completion_length
+    n = size.gen_new_tokens
     kwargs = dict(max_new_tokens=n, min_new_tokens=None, do_sample=sample, use_cache=True,
                   pad_token_id=bdata.PAD, eos_token_id=None)
     if sample:
@@ -405,4 +409,141 @@ def generation(size: BenchSize, paths: dict, prompt_ids: np.ndarray, prompt_mask
 
     label = "transformers generate " + ("(sampled)" if sample else "(greedy)")
     name = "generate_sampled" if sample else "generate_greedy"
-    return StepRunner(name, label, step, flops)
+    return StepRunner(name, label, step, flops, system="trl")
+
+
+# ---------------------------------------------------------------------------------------------------- plain loops
+
+
+def _plain_optimizer(params):
+    """AdamW (lr 1e-6, no weight decay) as the trainers and jrlhf use it."""
+    import torch
+
+    return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+
+
+def _token_logps(logits, targets):
+    """``log p(target)`` per position, ``[B, T]`` float32, through ``cross_entropy`` (PyTorch's fused log-softmax +
+    gather; no ``[B, T, V]`` log-probabilities kept beside the logits)."""
+    import torch.nn.functional as F
+
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return -F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def _autocast(size: BenchSize, device: str):
+    import torch
+
+    return (torch.autocast(device_type=device, dtype=torch.bfloat16) if size.dtype == "bfloat16"
+            else contextlib.nullcontext())
+
+
+def plain_dpo(size: BenchSize, paths: dict, batch: dict, flops: float, beta: float = 0.1) -> StepRunner:
+    """A plain PyTorch DPO step (sigmoid loss) on jrlhf's right-padded preference ``batch``
+    (``{chosen,rejected}_{input_ids,attention_mask,loss_mask} [B, T]``): chosen and rejected concatenated into one
+    ``[2B, T]`` forward of the policy and one ``torch.no_grad`` forward of the frozen reference; summed completion
+    log-probs; ``-logsigmoid(beta * margin)`` averaged over pairs; backward, clipping at 1.0, AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch_device(size)
+    policy = load_causal_lm(paths["lm"], size).train()
+    reference = load_causal_lm(paths["lm"], size).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    params = list(policy.parameters())
+    optimizer = _plain_optimizer(params)
+    cat = lambda key, dtype: torch.tensor(np.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]]),  # noqa: E731
+                                          dtype=dtype, device=device)
+    ids, attention = cat("input_ids", torch.long), cat("attention_mask", torch.long)
+    mask = cat("loss_mask", torch.float32)[:, 1:]
+    targets = ids[:, 1:]
+    pairs = int(batch["chosen_input_ids"].shape[0])
+    tokens = int(attention.sum().item())
+    autocast = _autocast(size, device)
+
+    def sequence_logps(model):
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        return (_token_logps(logits, targets) * mask).sum(-1)
+
+    def step() -> int:
+        with torch.no_grad(), autocast:
+            ref = sequence_logps(reference)
+        with autocast:
+            logps = sequence_logps(policy)
+        margin = (logps[:pairs] - ref[:pairs]) - (logps[pairs:] - ref[pairs:])
+        loss = -F.logsigmoid(beta * margin).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    return StepRunner("dpo_step", "plain PyTorch DPO loop", step, flops)
+
+
+def plain_sft(size: BenchSize, paths: dict, batch: dict, flops: float) -> StepRunner:
+    """A plain PyTorch SFT step on jrlhf's SFT ``batch`` (``input_ids, attention_mask, loss_mask [B, T]``): token-mean
+    NLL over the completion tokens (``cross_entropy`` with ``ignore_index``), backward, clipping at 1.0, AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch_device(size)
+    model = load_causal_lm(paths["lm"], size).train()
+    params = list(model.parameters())
+    optimizer = _plain_optimizer(params)
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long, device=device)
+    attention = torch.tensor(batch["attention_mask"], dtype=torch.long, device=device)
+    labels = ids[:, 1:].masked_fill(torch.tensor(batch["loss_mask"], device=device)[:, 1:] == 0, -100)
+    tokens = int(attention.sum().item())
+    autocast = _autocast(size, device)
+
+    def step() -> int:
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    return StepRunner("sft_step", "plain PyTorch SFT loop", step, flops)
+
+
+def plain_grpo_update(size: BenchSize, paths: dict, rollout: dict, flops: float, epsilon: float = 0.2,
+                      temperature: float = 1.0) -> StepRunner:
+    """A plain PyTorch GRPO update on a given rollout (TRL's layout: left-padded prompt + right-padded completion):
+    the LM head on the completion positions only (``logits_to_keep``-style), token log-probs at ``temperature``,
+    the clipped surrogate with the rollout's group advantages, the DAPO normalisation (sum over the batch's
+    completion tokens / their count; ``beta = 0``, no reference model), backward, clipping at 1.0, AdamW."""
+    import torch
+
+    device = torch_device(size)
+    model = load_causal_lm(paths["lm"], size).train()
+    params = list(model.parameters())
+    optimizer = _plain_optimizer(params)
+    t = lambda key, dtype: torch.tensor(rollout[key], dtype=dtype, device=device)  # noqa: E731
+    ids, attention = t("input_ids", torch.long), t("attention_mask", torch.long)
+    n = size.completion_length
+    mask = t("completion_mask", torch.float32)
+    old_logps, advantages = t("old_logps", torch.float32), t("advantages", torch.float32)[:, None]
+    targets = ids[:, -n:]
+    tokens = int(attention.sum().item())
+    autocast = _autocast(size, device)
+
+    def step() -> int:
+        with autocast:
+            hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -n - 1:-1]
+            logits = model.lm_head(hidden)
+        logps = _token_logps(logits.float() / temperature, targets)
+        ratio = torch.exp(logps - old_logps)
+        per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+        loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    return StepRunner("grpo_update_step", "plain PyTorch GRPO loop", step, flops)
