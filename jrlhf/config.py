@@ -46,7 +46,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training/eval data and tokenisation."""
+    """Training/eval data and tokenisation.
+
+    ``eval_holdout`` > 0 holds the last ``eval_holdout`` records of ``train`` out of training and evaluates on them
+    as ``eval`` (preference algorithms: DPO, reward model), for data that ships as one file; it cannot be combined
+    with ``eval``.
+    """
 
     train: str = "builtin:addition/sft_train.jsonl"
     eval: str | None = None
@@ -64,6 +69,7 @@ class DataSection:
     packing: bool = False
     shuffle: bool = True
     max_eval_examples: int | None = None
+    eval_holdout: int = 0
 
 
 @dataclass

@@ -148,11 +148,47 @@ def length_limits(data_cfg) -> dict:
                 max_completion_length=data_cfg.max_completion_length, truncation_mode=data_cfg.truncation_mode)
 
 
+def _holdout_split(data_cfg) -> tuple[list, list]:
+    """``(train_records, held_out_records)`` of ``data.train`` with ``data.eval_holdout`` > 0: the last
+    ``eval_holdout`` records are held out.
+
+    Raises:
+      ConfigError: ``eval_holdout`` negative, combined with ``data.eval``, or not smaller than the record count.
+    """
+    from jrlhf.config import ConfigError
+    from jrlhf.data import load_records
+
+    count = data_cfg.eval_holdout
+    if count < 0:
+        raise ConfigError(f"data.eval_holdout must be >= 0 (records held out of data.train), got {count}")
+    if data_cfg.eval:
+        raise ConfigError(f"data.eval_holdout={count} and data.eval='{data_cfg.eval}' both give the eval set; "
+                          "set one of them")
+    records = load_records(data_cfg.train)
+    if count >= len(records):
+        raise ConfigError(f"data.eval_holdout={count} would hold out all {len(records)} records of "
+                          f"data.train='{data_cfg.train}'; hold out fewer")
+    return records[:-count], records[-count:]
+
+
+def preference_eval_records(data_cfg):
+    """The held-out preference records: the last ``data.eval_holdout`` records of ``data.train`` when set, else
+    ``data.eval`` (``None`` when neither); at most ``data.max_eval_examples`` of them."""
+    if data_cfg.eval_holdout:
+        held_out = _holdout_split(data_cfg)[1]
+        return held_out[: data_cfg.max_eval_examples] if data_cfg.max_eval_examples else held_out
+    return load_eval_records(data_cfg.eval, data_cfg.max_eval_examples)
+
+
 def tokenize_train(run: RunContext, kind: str, source: str | None = None):
-    """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt``; prints the report."""
+    """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` (without the
+    ``data.eval_holdout`` records); prints the report."""
     from jrlhf.data import load_records, tokenize
 
-    records = load_records(source or run.cfg.data.train)
+    if source is None and run.cfg.data.eval_holdout:
+        records = _holdout_split(run.cfg.data)[0]
+    else:
+        records = load_records(source or run.cfg.data.train)
     limits = length_limits(run.cfg.data)
     if kind == "prompt":
         limits = {"max_prompt_length": limits["max_prompt_length"], "truncation_mode": limits["truncation_mode"]}

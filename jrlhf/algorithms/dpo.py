@@ -18,7 +18,7 @@ import numpy as np
 
 from jrlhf import losses
 from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, generation_eval,
-                                   load_eval_records, preference_globals, tokenize_train)
+                                   load_eval_records, preference_eval_records, preference_globals, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 
@@ -251,7 +251,7 @@ def setup(run) -> AlgorithmSetup:
     elif ref_params is not None:
         frozen = {"ref_params": ref_params}
 
-    pref_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples)
+    pref_records = preference_eval_records(cfg.data)
     gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
     gen_eval = generation_eval(run, gen_records) if gen_records else None
     eval_ref = ref_params
