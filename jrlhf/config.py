@@ -48,6 +48,15 @@ class ModelSection:
 class DataSection:
     """Training/eval data and tokenisation.
 
+    ``tokenizer``: ``None`` (default) is the model's own: the tokenizer files in ``train.init_from`` /
+    ``model.path``, or the shipped character tokenizer for a fresh random model (``model.path`` unset); ``"char"``
+    or a local folder picks one explicitly (it must match the pretrained model's own tokenizer, when its folder has
+    one). ``pad_token``: for a tokenizer without a pad token, ``"eos"`` reuses EOS (see
+    :func:`jrlhf.data.load_tokenizer`). The limits (``max_length``, ``max_prompt_length``, ``max_completion_length``,
+    ``truncation_mode``), ``overlong`` (``truncate`` / ``drop`` / ``error``) and ``invalid_records`` (``error`` /
+    ``drop``: records with a missing or empty field) apply to the training and the held-out records alike.
+    ``eval_batch_size`` is the number of held-out records per evaluation batch; scoring passes lower it so that a
+    batch holds at most ``eval_max_tokens`` padded tokens (both sides of a pair counted).
     ``eval_holdout`` > 0 holds the last ``eval_holdout`` records of ``train`` out of training and evaluates on them
     as ``eval`` (preference algorithms: DPO, reward model), for data that ships as one file; it cannot be combined
     with ``eval``.
@@ -58,18 +67,32 @@ class DataSection:
     eval_prompts: str | None = None
     eval_reward: str = "addition_exact_match"
     eval_max_new_tokens: int = 8
-    tokenizer: str = "char"
+    tokenizer: str | None = None
+    pad_token: str | None = None
     batch_size: int = 32
     eval_batch_size: int = 64
     max_length: int = 64
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
     truncation_mode: str = "keep_end"
+    overlong: str = "truncate"
+    invalid_records: str = "error"
+    eval_max_tokens: int = 16384
     buckets: tuple = ()
     packing: bool = False
     shuffle: bool = True
     max_eval_examples: int | None = None
     eval_holdout: int = 0
+
+    def __post_init__(self):
+        choices = {"overlong": ("truncate", "drop", "error"), "invalid_records": ("error", "drop"),
+                   "truncation_mode": ("keep_end", "keep_start")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
+        for key in ("batch_size", "eval_batch_size", "eval_max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
 
 
 @dataclass

@@ -28,7 +28,8 @@ def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[
 
 
 def generate_completions(model, params, tokenizer, records, *, max_new_tokens: int, batch_size: int = 64,
-                         max_prompt_length: int | None = None, temperature: float = 0.0, rng=None):
+                         max_prompt_length: int | None = None, temperature: float = 0.0, rng=None,
+                         limits: dict | None = None):
     """Generates one completion per prompt record (greedy by default).
 
     Args:
@@ -39,12 +40,14 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
       batch_size: prompts per generation call (fixed shape; the last batch is filled up).
       max_prompt_length: prompts are cut to this many tokens (keep_end), counted in the tokenisation report.
       temperature: 0 for greedy.
+      limits: :class:`jrlhf.data.LengthLimits` fields (the training run's, :func:`jrlhf.algorithms.base.length_limits`:
+        ``max_prompt_length``, ``truncation_mode`` and ``invalid_records`` apply); replaces ``max_prompt_length``.
 
     Returns:
       ``(completions: list[str], records: list[dict])`` in the input order (records dropped by tokenisation are
       left out, as the report says).
     """
-    data = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt_length)
+    data = tokenize_prompts(records, tokenizer, **(limits or {"max_prompt_length": max_prompt_length}))
     length = max(len(e["prompt_ids"]) for e in data.examples)
     collate = functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id, length=length)
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -61,7 +64,7 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
 
 
 def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tokens: int, batch_size: int = 64,
-                    max_prompt_length: int | None = None) -> dict:
+                    max_prompt_length: int | None = None, limits: dict | None = None) -> dict:
     """Mean reward of greedy completions (exact match for a 0/1 checker) on held-out prompt records.
 
     Returns:
@@ -70,23 +73,44 @@ def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tok
     from jrlhf.rewards import combine_rewards
 
     texts, kept = generate_completions(model, params, tokenizer, records, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, max_prompt_length=max_prompt_length)
+                                       batch_size=batch_size, max_prompt_length=max_prompt_length, limits=limits)
     prompts = [r["prompt"] for r in kept]
     total, _ = combine_rewards([reward_fn], None, prompts, texts, [None] * len(texts), kept)
     return {"exact_match": float(np.mean(total)), "num_examples": len(texts)}
 
 
-def preference_scores(score_fn, tokenizer, records, *, batch_size: int = 64, max_length: int | None = None):
+def scoring_batch_size(batch_size: int, rows_per_example: int, length: int, max_tokens: int | None) -> int:
+    """The examples per scoring batch: ``batch_size``, lowered so that ``examples x rows_per_example x length``
+    padded tokens stay within ``max_tokens`` (at least 1; ``None``: no cap). Activation memory of a forward pass
+    grows with the padded tokens of the batch."""
+    if max_tokens is None:
+        return int(batch_size)
+    return int(max(1, min(batch_size, max_tokens // max(1, rows_per_example * length))))
+
+
+def preference_scores(score_fn, tokenizer, records, *, batch_size: int = 64, max_length: int | None = None,
+                      limits: dict | None = None, max_tokens: int | None = None):
     """Runs ``score_fn(batch) -> (chosen [B], rejected [B])`` (jitted by the caller) over preference records.
 
+    Args:
+      score_fn: scores one padded preference batch (one fixed shape for the whole pass: it compiles once).
+      tokenizer: the run's tokenizer.
+      records: ``{prompt, chosen, rejected}`` records.
+      batch_size: pairs per batch, lowered by ``max_tokens`` (see :func:`scoring_batch_size`).
+      max_length: used when ``limits`` is not given.
+      limits: :class:`jrlhf.data.LengthLimits` fields; pass the training run's
+        (:func:`jrlhf.algorithms.base.length_limits`) so that held-out pairs are cut as training pairs are.
+      max_tokens: at most this many padded tokens (chosen and rejected rows) per batch.
+
     Returns:
-      ``(chosen_scores [N], rejected_scores [N])`` numpy float32 arrays.
+      ``(chosen_scores [N], rejected_scores [N])`` numpy float32 arrays, one per kept pair (the tokenisation report
+      counts the dropped ones).
     """
-    data = tokenize_preference(records, tokenizer, max_length=max_length)
+    data = tokenize_preference(records, tokenizer, **(limits or {"max_length": max_length}))
     length = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in data.examples)
     collate = functools.partial(collate_preference, pad_id=tokenizer.pad_token_id, length=length)
     chosen, rejected = [], []
-    for batch in _batches(data.examples, batch_size, collate):
+    for batch in _batches(data.examples, scoring_batch_size(batch_size, 2, length, max_tokens), collate):
         real = np.asarray(batch.pop("example_mask")) > 0
         c, r = score_fn({k: jnp.asarray(v) for k, v in batch.items()})
         chosen.append(np.asarray(c)[real])

@@ -52,6 +52,53 @@ def _dtype(name: str, key: str):
     return DTYPES[name]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def resolve_tokenizer(cfg: RunConfig):
+    """The run's tokenizer: ``data.tokenizer`` when given, else the model's own.
+
+    The model's own is the tokenizer saved in ``train.init_from`` / ``model.path``, or the shipped character
+    tokenizer for a fresh random model (neither set). ``data.pad_token`` is passed to
+    :func:`jrlhf.data.load_tokenizer`.
+
+    Raises:
+      ConfigError: the pretrained model's folder has no tokenizer files and ``data.tokenizer`` is not set; or an
+        explicit ``data.tokenizer`` maps tokens to other ids than the tokenizer saved with the pretrained model
+        (its ids would index the wrong embedding rows).
+    """
+    d = cfg.data
+    path = cfg.train.init_from or cfg.model.path
+    key = "train.init_from" if cfg.train.init_from else "model.path"
+    if path and os.path.isdir(path) and d.tokenizer is None:
+        if not _has_tokenizer(path):
+            raise ConfigError(f"{key}='{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}); set "
+                              "data.tokenizer to the folder of the model's tokenizer")
+        return load_tokenizer(path, pad_token=d.pad_token)
+    tokenizer = load_tokenizer(d.tokenizer or "char", pad_token=d.pad_token)
+    if path and os.path.isdir(path) and _has_tokenizer(path):
+        own = load_tokenizer(path, pad_token=d.pad_token)
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"data.tokenizer='{d.tokenizer}' ({len(tokenizer)} tokens) is not the tokenizer saved "
+                              f"with the model in {key}='{path}' ({len(own)} tokens): its ids would index the wrong "
+                              "embedding rows; leave data.tokenizer unset to use the model's own")
+    return tokenizer
+
+
+def check_vocabulary(tokenizer, model, where: str = "the model") -> None:
+    """Raises :class:`ConfigError` when the tokenizer has ids the model's embedding has no row for
+    (``len(tokenizer) > model.config.vocab_size``). A smaller tokenizer is fine (embeddings are often padded)."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {where} has an embedding of vocab_size="
+                          f"{vocab}: use the model's own tokenizer (leave data.tokenizer unset) or a model whose "
+                          "vocabulary holds every token id")
+
+
 def build_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = None):
     """The model to train: ``path`` (or ``train.init_from`` / ``model.path``) loaded from a local HF directory, else
     a fresh ``model.family`` tiny config with ``model.overrides``. A head missing from the checkpoint (a score or
@@ -63,15 +110,19 @@ def build_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = No
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory '{path}' does not exist (model.path / train.init_from must be "
                                     "a local Hugging Face directory with config.json)")
-        return from_pretrained(path, dtype=dtype, param_dtype=param_dtype, head=head, head_rng=rng, remat=m.remat,
-                               scan_unroll=m.scan_unroll)
+        model, params = from_pretrained(path, dtype=dtype, param_dtype=param_dtype, head=head, head_rng=rng,
+                                        remat=m.remat, scan_unroll=m.scan_unroll)
+        check_vocabulary(tokenizer, model, f"the model in '{path}'")
+        return model, params
     overrides = dict(m.overrides)
     overrides.setdefault("vocab_size", len(tokenizer))
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
     config = tiny_config(m.family, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                          scan_unroll=m.scan_unroll, **overrides)
-    return init_model(config, rng, head=head)
+    model_and_params = init_model(config, rng, head=head)
+    check_vocabulary(tokenizer, model_and_params[0], "the fresh model (model.overrides)")
+    return model_and_params
 
 
 def _optimizer_config(cfg: RunConfig, updates_per_step: int = 1) -> OptimizerConfig:
@@ -151,7 +202,7 @@ def train(config) -> dict:
     kind = algo_mod.DATA_KIND
 
     mesh = make_mesh(MeshConfig(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor))
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = resolve_tokenizer(cfg)
     root_rng = jax.random.PRNGKey(t.seed)
     model_rng, state_rng, algo_rng, collect_rng = jax.random.split(root_rng, 4)
     model, params = build_model(cfg, tokenizer, algo_mod.head(cfg), model_rng)

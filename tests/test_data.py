@@ -169,17 +169,17 @@ def test_sft_tokens_and_masks_by_hand(tok):
 def test_missing_and_empty_fields_name_the_record_and_field(tok):
     good = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
     cases = [
-        (data.tokenize_preference, [good, {"prompt": "1+2=", "chosen": "3"}], r"^record 1: missing field 'rejected'"),
+        (data.tokenize_preference, [good, {"prompt": "1+2=", "chosen": "3"}], r"^record 2: missing field 'rejected'"),
         (data.tokenize_preference, [good, good, {"prompt": "a", "chosen": " ", "rejected": "b"}],
-         r"^record 2: field 'chosen' is empty"),
+         r"^record 3: field 'chosen' is empty"),
         (data.tokenize_preference, [{"prompt": "", "chosen": "1", "rejected": "2"}],
-         r"^record 0: field 'prompt' is empty"),
-        (data.tokenize_sft, [{"prompt": "1+1=", "completion": ""}], r"^record 0: field 'completion' is empty"),
-        (data.tokenize_sft, [{"prompt": "1+1="}], r"^record 0: missing field 'completion'"),
-        (data.tokenize_prompts, [{"answer": "2"}], r"^record 0: missing field 'prompt'"),
-        (data.tokenize_sft, [{"prompt": 5, "completion": "2"}], r"^record 0: field 'prompt' must be a string"),
+         r"^record 1: field 'prompt' is empty"),
+        (data.tokenize_sft, [{"prompt": "1+1=", "completion": ""}], r"^record 1: field 'completion' is empty"),
+        (data.tokenize_sft, [{"prompt": "1+1="}], r"^record 1: missing field 'completion'"),
+        (data.tokenize_prompts, [{"answer": "2"}], r"^record 1: missing field 'prompt'"),
+        (data.tokenize_sft, [{"prompt": 5, "completion": "2"}], r"^record 1: field 'prompt' must be a string"),
         (data.tokenize_sft, [{"messages": [{"role": "user", "content": "hi"}]}],
-         r"^record 0: field 'messages' has no assistant"),
+         r"^record 1: field 'messages' has no assistant"),
     ]
     for function, records, pattern in cases:
         with pytest.raises(DataError) as info:
@@ -197,7 +197,7 @@ def test_overlong_prompt_error_drop_and_truncate_are_counted(tok, caplog):
     with pytest.raises(DataError) as info:
         data.tokenize_sft(records, tok, max_prompt_length=10, overlong="error")
     message = str(info.value)
-    assert message.startswith("record 1: field 'prompt' has 21 tokens > max_prompt_length=10")
+    assert message.startswith("record 2: field 'prompt' has 21 tokens > max_prompt_length=10")
     assert "overlong='truncate'" in message and "\n" not in message
 
     dropped = data.tokenize_sft(records, tok, max_prompt_length=10, overlong="drop")
@@ -217,7 +217,7 @@ def test_overlong_prompt_error_drop_and_truncate_are_counted(tok, caplog):
     # No max_prompt_length: a prompt that fills max_length cannot fit and is dropped, counted, never silently.
     no_room = data.tokenize_sft(records, tok, max_length=12)
     assert [i for i, _ in no_room.report.dropped] == [1] and "leaves no room" in no_room.report.dropped[0][1]
-    with pytest.raises(DataError, match=r"^record 1: the prompt has 21 tokens"):
+    with pytest.raises(DataError, match=r"^record 2: the prompt has 21 tokens"):
         data.tokenize_sft(records, tok, max_length=12, overlong="error")
 
 
@@ -276,7 +276,7 @@ def test_chat_messages_without_template_is_an_error(tok):
 
     plain = AutoTokenizer.from_pretrained(data.char_tokenizer_dir())
     plain.chat_template = None
-    with pytest.raises(TokenizerError, match="record 0: chat messages need a tokenizer with a chat template"):
+    with pytest.raises(TokenizerError, match="record 1: chat messages need a tokenizer with a chat template"):
         data.tokenize_prompts([{"prompt": [{"role": "user", "content": "hi"}]}], plain)
 
 

@@ -143,9 +143,11 @@ def preference_globals(batch: dict, frozen, algo_state) -> tuple[dict, dict]:
 
 
 def length_limits(data_cfg) -> dict:
-    """The tokenisation limits of a :class:`jrlhf.config.DataSection`."""
+    """The tokenisation limits and record policies of a :class:`jrlhf.config.DataSection`
+    (:class:`jrlhf.data.LengthLimits` fields): the one set used for the training and the held-out records."""
     return dict(max_length=data_cfg.max_length, max_prompt_length=data_cfg.max_prompt_length,
-                max_completion_length=data_cfg.max_completion_length, truncation_mode=data_cfg.truncation_mode)
+                max_completion_length=data_cfg.max_completion_length, truncation_mode=data_cfg.truncation_mode,
+                overlong=data_cfg.overlong, invalid_records=data_cfg.invalid_records)
 
 
 def _holdout_split(data_cfg) -> tuple[list, list]:
@@ -181,18 +183,16 @@ def preference_eval_records(data_cfg):
 
 
 def tokenize_train(run: RunContext, kind: str, source: str | None = None):
-    """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` (without the
-    ``data.eval_holdout`` records); prints the report."""
+    """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` under
+    :func:`length_limits` (prompt records use only the prompt limits), without the ``data.eval_holdout`` records;
+    prints the report."""
     from jrlhf.data import load_records, tokenize
 
     if source is None and run.cfg.data.eval_holdout:
         records = _holdout_split(run.cfg.data)[0]
     else:
         records = load_records(source or run.cfg.data.train)
-    limits = length_limits(run.cfg.data)
-    if kind == "prompt":
-        limits = {"max_prompt_length": limits["max_prompt_length"], "truncation_mode": limits["truncation_mode"]}
-    data = tokenize(records, run.tokenizer, kind, **limits)
+    data = tokenize(records, run.tokenizer, kind, **length_limits(run.cfg.data))
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
     return data
@@ -219,6 +219,6 @@ def generation_eval(run: RunContext, records, model=None):
     def evaluate(params, frozen):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
                                max_new_tokens=cfg.data.eval_max_new_tokens, batch_size=cfg.data.eval_batch_size,
-                               max_prompt_length=cfg.data.max_prompt_length)
+                               limits=length_limits(cfg.data))
 
     return evaluate

@@ -18,7 +18,8 @@ import numpy as np
 
 from jrlhf import losses
 from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, generation_eval,
-                                   load_eval_records, preference_eval_records, preference_globals, tokenize_train)
+                                   length_limits, load_eval_records, preference_eval_records, preference_globals,
+                                   tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 
@@ -262,9 +263,11 @@ def setup(run) -> AlgorithmSetup:
         if pref_records:
             ref = frozen_now["ref_params"] if frozen_now and "ref_params" in frozen_now else eval_ref
             c, r = preference_scores(lambda b: score(params, ref, b), run.tokenizer, pref_records,
-                                     batch_size=cfg.data.eval_batch_size, max_length=cfg.data.max_length)
+                                     batch_size=cfg.data.eval_batch_size, limits=length_limits(cfg.data),
+                                     max_tokens=cfg.data.eval_max_tokens)
             out["rewards/accuracies"] = float((c > r).mean())
             out["rewards/margins"] = float((c - r).mean())
+            out["num_examples"] = int(len(c))
         if gen_eval is not None:
             out.update(gen_eval(params, frozen_now))
         return out

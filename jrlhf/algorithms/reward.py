@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, concat_pairs, pair_scores, preference_eval_records,
+from jrlhf.algorithms.base import (AlgorithmSetup, concat_pairs, length_limits, pair_scores, preference_eval_records,
                                    preference_globals, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logits_from_hidden, sequence_scores, token_logprobs_from_logits, unembedding_matrix
@@ -101,7 +101,8 @@ def setup(run) -> AlgorithmSetup:
 
     def evaluate(params, frozen):
         chosen, rejected = preference_scores(lambda b: score(params, b), run.tokenizer, eval_records,
-                                             batch_size=cfg.data.eval_batch_size, max_length=cfg.data.max_length)
+                                             batch_size=cfg.data.eval_batch_size, limits=length_limits(cfg.data),
+                                             max_tokens=cfg.data.eval_max_tokens)
         return {"accuracy": float((chosen > rejected).mean()), "margin": float((chosen - rejected).mean()),
                 "num_examples": int(len(chosen))}
 

@@ -21,6 +21,7 @@ from jrlhf.data.batching import (
     pack_examples,
 )
 from jrlhf.data.preprocess import (
+    InvalidRecordError,
     LengthLimits,
     TokenizationReport,
     TokenizedData,
@@ -42,6 +43,7 @@ from jrlhf.data.tokenizer import (
 __all__ = [
     "BatchIterator",
     "DataError",
+    "InvalidRecordError",
     "LengthLimits",
     "PromptBatch",
     "TokenizationReport",

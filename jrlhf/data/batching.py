@@ -194,7 +194,7 @@ def pack_examples(examples, row_length: int) -> list[dict]:
         size = len(examples[i]["input_ids"])
         if size > row_length:
             raise DataError(
-                f"example from record {examples[i].get('record_index', i)} has {size} tokens > packing row length "
+                f"example from record {examples[i].get('record_index', i) + 1} has {size} tokens > packing row length "
                 f"{row_length}; tokenise with max_length <= {row_length}"
             )
         for row, space in enumerate(free):

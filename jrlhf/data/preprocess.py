@@ -23,8 +23,13 @@ Length limits (in tokens), applied in this order:
    a single completion token cannot fit.
 
 ``overlong`` says what an over-long record gets: ``"truncate"`` (cut as above; a record that cannot fit is
-dropped), ``"drop"`` (the record is dropped) or ``"error"`` (raise, naming the record and field). Every cut and
-drop is counted in the :class:`TokenizationReport` (record indices and reasons) and logged as a warning.
+dropped), ``"drop"`` (the record is dropped) or ``"error"`` (raise, naming the record and field).
+
+``invalid_records`` says what a record with a missing, empty or ill-typed field gets (an empty answer, a message
+without content, a conversation with no assistant turn): ``"error"`` (the default: raise, naming the record and
+field) or ``"drop"`` (skip it). Every cut and drop is counted in the :class:`TokenizationReport` (record indices and
+reasons) and logged once as a warning. Messages name records by number, counted from 1 in the input order (the line
+number of a JSONL file without blank lines); ``record_index`` in the examples and the report is the 0-based index.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ logger = logging.getLogger("jrlhf.data")
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 OVERLONG_POLICIES = ("truncate", "drop", "error")
+INVALID_RECORD_POLICIES = ("error", "drop")
+
+
+def _numbers(indices, shown: int = 20) -> str:
+    """``"3, 17, 204"`` (1-based record numbers of 0-based indices), the first ``shown`` then ``", ..."``."""
+    text = ", ".join(str(i + 1) for i in indices[:shown])
+    return text + (", ..." if len(indices) > shown else "")
 
 
 @dataclasses.dataclass
@@ -53,18 +65,23 @@ class TokenizationReport:
     num_examples: int = 0
     truncated_prompts: list = dataclasses.field(default_factory=list)
     truncated_completions: list = dataclasses.field(default_factory=list)
-    dropped: list = dataclasses.field(default_factory=list)  # (record index, reason)
+    dropped: list = dataclasses.field(default_factory=list)  # (record index, reason): over-long
+    invalid: list = dataclasses.field(default_factory=list)  # (record index, reason): dropped as invalid
 
     def summary(self) -> str:
-        """One line: records in, examples out, prompts/completions cut, records dropped (first few named)."""
+        """One line: records in, examples out, prompts/completions cut, over-long records dropped (first few named),
+        invalid records dropped (their 1-based numbers and the first reason)."""
         text = (
             f"{self.kind}: {self.num_records} records -> {self.num_examples} examples; "
             f"{len(self.truncated_prompts)} prompts truncated, {len(self.truncated_completions)} completions "
             f"truncated, {len(self.dropped)} records dropped"
         )
         if self.dropped:
-            shown = "; ".join(f"record {i}: {reason}" for i, reason in self.dropped[:3])
+            shown = "; ".join(f"record {i + 1}: {reason}" for i, reason in self.dropped[:3])
             text += f" ({shown}{'; ...' if len(self.dropped) > 3 else ''})"
+        if self.invalid:
+            text += (f"; {len(self.invalid)} invalid records dropped (records {_numbers([i for i, _ in self.invalid])}"
+                     f"; record {self.invalid[0][0] + 1}: {self.invalid[0][1]})")
         return text
 
 
@@ -89,19 +106,22 @@ class TokenizedData:
 
 @dataclasses.dataclass(frozen=True)
 class LengthLimits:
-    """Token limits and the policy for over-long records (see the module docstring)."""
+    """Token limits and the policies for over-long and invalid records (see the module docstring)."""
 
     max_length: int | None = None
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
     truncation_mode: str = "keep_end"
     overlong: str = "truncate"
+    invalid_records: str = "error"
 
     def __post_init__(self):
         if self.truncation_mode not in TRUNCATION_MODES:
             raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.overlong not in OVERLONG_POLICIES:
             raise DataError(f"overlong must be one of {OVERLONG_POLICIES}, got {self.overlong!r}")
+        if self.invalid_records not in INVALID_RECORD_POLICIES:
+            raise DataError(f"invalid_records must be one of {INVALID_RECORD_POLICIES}, got {self.invalid_records!r}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -111,6 +131,17 @@ class LengthLimits:
 _FIX = "raise the limit, or set overlong='truncate' (cut, counted) or 'drop' (skipped, counted)"
 
 
+class InvalidRecordError(DataError):
+    """A record has a missing, empty or ill-typed field. ``index`` is the record's 0-based index, ``reason`` the
+    message without the record number; dropped (and counted) instead of raised with ``invalid_records="drop"``."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"record {index + 1}: {reason}; fix or remove the record, or set "
+                         "data.invalid_records='drop' (skipped, counted)")
+        self.index = index
+        self.reason = reason
+
+
 class _Dropped(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -118,7 +149,7 @@ class _Dropped(Exception):
 
 
 def _over_limit(limits: LengthLimits, index: int, field: str, length: int, limit_name: str, limit: int):
-    message = f"record {index}: field '{field}' has {length} tokens > {limit_name}={limit}"
+    message = f"record {index + 1}: field '{field}' has {length} tokens > {limit_name}={limit}"
     if limits.overlong == "error":
         raise DataError(f"{message}; {_FIX}")
     if limits.overlong == "drop":
@@ -134,32 +165,33 @@ def _is_messages(value) -> bool:
 
 def _get_field(record: dict, index: int, field: str, kind: str, required: tuple) -> Any:
     if not isinstance(record, dict):
-        raise DataError(f"record {index}: expected a dict, got {type(record).__name__}")
-    if field not in record:
-        raise DataError(
-            f"record {index}: missing field '{field}' ({kind} records need {', '.join(required)}; "
-            f"fields present: {', '.join(sorted(record)) or 'none'})"
+        raise InvalidRecordError(index, f"expected a dict, got {type(record).__name__}")
+    if field not in record or record[field] is None:
+        raise InvalidRecordError(
+            index,
+            f"missing field '{field}' ({kind} records need {', '.join(required)}; "
+            f"fields present: {', '.join(sorted(k for k in record if record[k] is not None)) or 'none'})",
         )
     value = record[field]
     if isinstance(value, str):
         if not value.strip():
-            raise DataError(f"record {index}: field '{field}' is empty; remove the record or fill the field")
+            raise InvalidRecordError(index, f"field '{field}' is empty")
         return value
     if _is_messages(value):
         if not value:
-            raise DataError(f"record {index}: field '{field}' is an empty message list")
+            raise InvalidRecordError(index, f"field '{field}' is an empty message list")
         for position, message in enumerate(value):
             if "role" not in message or "content" not in message:
-                raise DataError(
-                    f"record {index}: field '{field}' message {position} needs 'role' and 'content' keys, "
-                    f"got {sorted(message)}"
+                raise InvalidRecordError(
+                    index, f"field '{field}' message {position} needs 'role' and 'content' keys, got {sorted(message)}"
                 )
             if not isinstance(message["content"], str) or not message["content"].strip():
-                raise DataError(f"record {index}: field '{field}' message {position} has empty content")
+                raise InvalidRecordError(index, f"field '{field}' message {position} has empty content")
         return value
-    raise DataError(
-        f"record {index}: field '{field}' must be a string or a list of chat messages "
-        f"({{'role', 'content'}} dicts), got {type(value).__name__}"
+    raise InvalidRecordError(
+        index,
+        f"field '{field}' must be a string or a list of chat messages ({{'role', 'content'}} dicts), got "
+        f"{type(value).__name__}",
     )
 
 
@@ -181,7 +213,7 @@ class _Encoder:
     def render(self, messages: list, generation_prompt: bool, index: int) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise TokenizerError(
-                f"record {index}: chat messages need a tokenizer with a chat template; set "
+                f"record {index + 1}: chat messages need a tokenizer with a chat template; set "
                 "tokenizer.chat_template or give the record plain-string fields"
             )
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -220,7 +252,7 @@ class _Encoder:
             after = self.render(messages[: position + 1], False, index)
             if not before.startswith(rendered) or not after.startswith(before):
                 raise TokenizerError(
-                    f"record {index}: field '{field}': the chat template does not render a conversation as a "
+                    f"record {index + 1}: field '{field}': the chat template does not render a conversation as a "
                     "prefix of its continuation, so assistant turns cannot be located; use a prefix-preserving "
                     "template"
                 )
@@ -228,7 +260,7 @@ class _Encoder:
             add(after[len(before):], 1)
             rendered = after
         if not any(mask):
-            raise DataError(f"record {index}: field '{field}' has no assistant message to learn from")
+            raise InvalidRecordError(index, f"field '{field}' has no assistant message to learn from")
         return ids, mask
 
 
@@ -254,7 +286,7 @@ def _fit_completion(prompt_length, ids, mask, limits: LengthLimits, index, field
         room = limits.max_length - prompt_length
         if room < 1:
             message = (
-                f"record {index}: the prompt has {prompt_length} tokens, leaving no room for '{field}' within "
+                f"record {index + 1}: the prompt has {prompt_length} tokens, leaving no room for '{field}' within "
                 f"max_length={limits.max_length}"
             )
             if limits.overlong == "error":
@@ -271,11 +303,21 @@ def _array(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int32)
 
 
+def _invalid(limits: LengthLimits, report: TokenizationReport, error: InvalidRecordError) -> None:
+    """Counts an invalid record under ``invalid_records="drop"``; re-raises it under ``"error"``."""
+    if limits.invalid_records != "drop":
+        raise error
+    report.invalid.append((error.index, error.reason))
+
+
 def _finish(kind, records, examples, report) -> TokenizedData:
     report.num_records = len(records)
     report.num_examples = len(examples)
-    if report.dropped or report.truncated_prompts or report.truncated_completions:
+    if report.dropped or report.invalid or report.truncated_prompts or report.truncated_completions:
         logger.warning("%s", report.summary())
+    if records and not examples:
+        raise DataError(f"no example is left after tokenisation ({report.summary()}); raise the length limits or "
+                        "fix the records")
     return TokenizedData(kind=kind, examples=examples, report=report)
 
 
@@ -287,13 +329,15 @@ def tokenize_sft(records, tokenizer, *, add_eos: bool = True, **limits) -> Token
       tokenizer: a Hugging Face tokenizer with pad and EOS tokens.
       add_eos: append EOS to plain-string completions (chat completions end as the template ends a turn).
       **limits: :class:`LengthLimits` fields (``max_length``, ``max_prompt_length``, ``max_completion_length``,
-        ``truncation_mode``, ``overlong``).
+        ``truncation_mode``, ``overlong``, ``invalid_records``).
 
     Returns:
       :class:`TokenizedData` of kind ``"sft"``: examples with ``input_ids`` and ``loss_mask`` int32 ``[L]``.
 
     Raises:
-      DataError: missing/empty field (record index and field named), over-long record with ``overlong="error"``.
+      InvalidRecordError (a DataError): missing/empty/ill-typed field (record number and field named) with
+        ``invalid_records="error"``.
+      DataError: over-long record with ``overlong="error"``; no example left.
       TokenizerError: no pad/EOS token, chat messages without a chat template.
     """
     limits = LengthLimits(**limits)
@@ -305,9 +349,9 @@ def tokenize_sft(records, tokenizer, *, add_eos: bool = True, **limits) -> Token
             if isinstance(record, dict) and "messages" in record and "prompt" not in record:
                 messages = _get_field(record, index, "messages", "sft", ("prompt+completion", "or messages"))
                 if not isinstance(messages, list):
-                    raise DataError(f"record {index}: field 'messages' must be a list of chat messages")
+                    raise InvalidRecordError(index, "field 'messages' must be a list of chat messages")
                 if not any(m["role"] == "assistant" for m in messages):
-                    raise DataError(f"record {index}: field 'messages' has no assistant message to learn from")
+                    raise InvalidRecordError(index, "field 'messages' has no assistant message to learn from")
                 ids, mask = encoder.turns(messages, 0, index, "messages")
                 # Everything before the first assistant turn is the prompt.
                 split = mask.index(1)
@@ -325,6 +369,9 @@ def tokenize_sft(records, tokenizer, *, add_eos: bool = True, **limits) -> Token
             ids, mask, truncated = _fit_completion(len(prompt_ids), ids, mask, limits, index, completion_field, report)
         except _Dropped as dropped:
             report.dropped.append((index, dropped.reason))
+            continue
+        except InvalidRecordError as error:
+            _invalid(limits, report, error)
             continue
         if truncated:
             report.truncated_completions.append(index)
@@ -357,15 +404,19 @@ def tokenize_preference(records, tokenizer, *, add_eos: bool = True, **limits) -
     examples = []
     required = ("prompt", "chosen", "rejected")
     for index, record in enumerate(records):
-        prompt = _get_field(record, index, "prompt", "preference", required)
-        chosen = _get_field(record, index, "chosen", "preference", required)
-        rejected = _get_field(record, index, "rejected", "preference", required)
-        conversational = any(_is_messages(x) for x in (prompt, chosen, rejected))
-        prompt_ids, prompt_messages = encoder.prompt(prompt, conversational, index)
-        sides = {
-            name: encoder.completion(prompt_messages, value, conversational, index, name)
-            for name, value in (("chosen", chosen), ("rejected", rejected))
-        }
+        try:
+            prompt = _get_field(record, index, "prompt", "preference", required)
+            chosen = _get_field(record, index, "chosen", "preference", required)
+            rejected = _get_field(record, index, "rejected", "preference", required)
+            conversational = any(_is_messages(x) for x in (prompt, chosen, rejected))
+            prompt_ids, prompt_messages = encoder.prompt(prompt, conversational, index)
+            sides = {
+                name: encoder.completion(prompt_messages, value, conversational, index, name)
+                for name, value in (("chosen", chosen), ("rejected", rejected))
+            }
+        except InvalidRecordError as error:
+            _invalid(limits, report, error)
+            continue
         try:
             prompt_ids = _fit_prompt(prompt_ids, limits, index, report)
             fitted = {
@@ -386,7 +437,9 @@ def tokenize_preference(records, tokenizer, *, add_eos: bool = True, **limits) -
 
 
 def tokenize_prompts(records, tokenizer, **limits) -> TokenizedData:
-    """Tokenises prompt records ``{prompt, ...}`` for sampling; only ``max_prompt_length`` applies.
+    """Tokenises prompt records ``{prompt, ...}`` for sampling; of the limits only ``max_prompt_length`` and
+    ``truncation_mode`` apply (``max_length`` and ``max_completion_length`` are accepted and ignored, so that one set
+    of limits serves every kind of record).
 
     Returns:
       :class:`TokenizedData` of kind ``"prompt"``: examples with ``prompt_ids`` int32 ``[P]`` and ``record`` (the
@@ -397,7 +450,11 @@ def tokenize_prompts(records, tokenizer, **limits) -> TokenizedData:
     report = TokenizationReport(kind="prompt")
     examples = []
     for index, record in enumerate(records):
-        prompt = _get_field(record, index, "prompt", "prompt", ("prompt",))
+        try:
+            prompt = _get_field(record, index, "prompt", "prompt", ("prompt",))
+        except InvalidRecordError as error:
+            _invalid(limits, report, error)
+            continue
         prompt_ids, _ = encoder.prompt(prompt, _is_messages(prompt), index)
         try:
             prompt_ids = _fit_prompt(prompt_ids, limits, index, report)

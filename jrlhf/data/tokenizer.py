@@ -107,12 +107,14 @@ def check_tokenizer(tokenizer, *, need_eos: bool = True) -> None:
         )
 
 
-def load_tokenizer(path_or_name: str = CHAR_TOKENIZER_NAME, *, pad_token: str | None = None):
+def load_tokenizer(path_or_name: str | None = CHAR_TOKENIZER_NAME, *, pad_token: str | None = None):
     """Loads a Hugging Face tokenizer from a local folder, or the shipped character tokenizer.
 
+    A training run picks its tokenizer with :func:`jrlhf.train_loop.resolve_tokenizer` (the model's own by default).
+
     Args:
-      path_or_name: ``"char"`` for the shipped character-level tokenizer, or a local folder with Hugging Face
-        tokenizer files (nothing is downloaded).
+      path_or_name: ``"char"`` (or ``None``) for the shipped character-level tokenizer, or a local folder with
+        Hugging Face tokenizer files (nothing is downloaded).
       pad_token: used only when the tokenizer has no pad token: ``"eos"`` reuses the EOS token, any other string is
         set as the pad token (added to the vocabulary if new, which
         then needs a larger embedding). ``None`` (default) makes a tokenizer without a pad
@@ -127,7 +129,7 @@ def load_tokenizer(path_or_name: str = CHAR_TOKENIZER_NAME, *, pad_token: str | 
     """
     from transformers import AutoTokenizer
 
-    if path_or_name == CHAR_TOKENIZER_NAME:
+    if path_or_name is None or path_or_name == CHAR_TOKENIZER_NAME:
         path = char_tokenizer_dir()
     else:
         path = os.path.expanduser(path_or_name)
