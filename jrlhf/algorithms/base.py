@@ -173,13 +173,41 @@ def _holdout_split(data_cfg) -> tuple[list, list]:
     return records[:-count], records[-count:]
 
 
+def with_system_prompt(records, system_prompt: str | None):
+    """``records`` whose ``prompt`` (a string or a message list) and ``messages`` fields start with a system message
+    ``system_prompt``; those that have one already, and every record when ``system_prompt`` is ``None``, are
+    returned unchanged. A string prompt becomes ``[system, user]`` messages."""
+    if not system_prompt or records is None:
+        return records
+    system = {"role": "system", "content": system_prompt}
+
+    def add(value):
+        if isinstance(value, str):
+            return [system, {"role": "user", "content": value}]
+        if isinstance(value, list) and not (value and isinstance(value[0], dict) and value[0].get("role") == "system"):
+            return [system] + list(value)
+        return value
+
+    out = []
+    for record in records:
+        if isinstance(record, dict):
+            record = dict(record)
+            for key in ("prompt", "messages"):
+                if key in record:
+                    record[key] = add(record[key])
+        out.append(record)
+    return out
+
+
 def preference_eval_records(data_cfg):
     """The held-out preference records: the last ``data.eval_holdout`` records of ``data.train`` when set, else
     ``data.eval`` (``None`` when neither); at most ``data.max_eval_examples`` of them."""
     if data_cfg.eval_holdout:
         held_out = _holdout_split(data_cfg)[1]
-        return held_out[: data_cfg.max_eval_examples] if data_cfg.max_eval_examples else held_out
-    return load_eval_records(data_cfg.eval, data_cfg.max_eval_examples)
+        held_out = held_out[: data_cfg.max_eval_examples] if data_cfg.max_eval_examples else held_out
+    else:
+        held_out = load_eval_records(data_cfg.eval, data_cfg.max_eval_examples)
+    return with_system_prompt(held_out, data_cfg.system_prompt)
 
 
 def tokenize_train(run: RunContext, kind: str, source: str | None = None):
@@ -192,6 +220,7 @@ def tokenize_train(run: RunContext, kind: str, source: str | None = None):
         records = _holdout_split(run.cfg.data)[0]
     else:
         records = load_records(source or run.cfg.data.train)
+    records = with_system_prompt(records, run.cfg.data.system_prompt)
     data = tokenize(records, run.tokenizer, kind, **length_limits(run.cfg.data))
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
@@ -215,6 +244,7 @@ def generation_eval(run: RunContext, records, model=None):
     cfg = run.cfg
     reward_fn = get_reward_fn(cfg.data.eval_reward)
     model = model or run.model
+    records = with_system_prompt(records, cfg.data.system_prompt)
 
     def evaluate(params, frozen):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
