@@ -60,6 +60,10 @@ class DataSection:
     batch holds at most ``eval_max_tokens`` padded tokens (both sides of a pair counted).
     ``eval_stop_token_ids``: token ids that end a generated eval completion, besides every EOS id of the model's
     ``config.json`` / ``generation_config.json`` and the tokenizer's (:func:`jrlhf.evaluation.run_stop_token_ids`).
+    ``eval_holdout`` > 0 holds the last ``eval_holdout`` records of ``train`` out of training and evaluates on them
+    as ``eval`` (preference algorithms: DPO, reward model), for data that ships as one file; it cannot be combined
+    with ``eval``. ``system_prompt``, when set, is the system message of every training and held-out prompt that
+    has none (plain-string prompts become a system + user conversation; needs a tokenizer with a chat template).
     """
 
     train: str = "builtin:addition/sft_train.jsonl"
@@ -83,6 +87,8 @@ class DataSection:
     shuffle: bool = True
     max_eval_examples: int | None = None
     eval_stop_token_ids: tuple = ()
+    eval_holdout: int = 0
+    system_prompt: str | None = None
 
     def __post_init__(self):
         choices = {"overlong": ("truncate", "drop", "error"), "invalid_records": ("error", "drop"),

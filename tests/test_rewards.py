@@ -173,3 +173,51 @@ def test_format_reward_modes():
     assert search(None, [text + " extra", "none"], None) == [1.0, 0.0]
     with pytest.raises(ValueError, match="mode"):
         rewards.make_format_reward(mode="any")
+
+
+# ---------------------------------------------------------------------------------------------------- GSM8K
+
+
+GSM8K_COMPLETIONS = [
+    "48 / 2 = 24 clips in May. 48 + 24 = 72. The answer is 72.",  # right, stated at the end
+    "She earned 0.2 x 50 = 10. The answer is: $10 dollars",  # right; '$' and a unit word allowed
+    "The answer is 72. Let me check: 48 + 24 = 70",  # stated, then more text; stated answer wins over 70
+    "Natalia sold 48 + 24 = 72 clips.",  # right by its last number, not stated
+    "So the total is \\boxed{1,208}",  # boxed; thousands separator
+    "The answer is 71.",  # wrong, stated at the end
+    "First, we need to find how many clips she sold in May. In May she sold",  # ran out: nothing stated
+    "the ANSWER IS **-3.5**.",  # case-insensitive, markdown bold, negative decimal
+]
+GSM8K_ANSWERS = ["72", "10", "72", "72", "1208", "72", "72", "-3.5"]
+
+
+def test_stated_answer_by_hand():
+    expected = ["72", "10", "72", None, "1,208", "71", None, "-3.5"]
+    assert [rewards.stated_answer(c) for c in GSM8K_COMPLETIONS] == expected
+
+
+def test_gsm8k_answer_by_hand():
+    got = rewards.gsm8k_answer(None, GSM8K_COMPLETIONS, None, answer=GSM8K_ANSWERS)
+    assert got == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    # a GSM8K solution as the reference is read after '####'; no reference: None
+    assert rewards.gsm8k_answer(None, ["The answer is 18."], None, answer=["... = 18\n#### 18"]) == [1.0]
+    assert rewards.gsm8k_answer(None, ["The answer is 18."], None, answer=[None]) == [None]
+
+
+def test_gsm8k_format_by_hand():
+    got = rewards.gsm8k_format(None, GSM8K_COMPLETIONS, None)
+    assert got == [1.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.0, 1.0]
+    # a unit word or two may follow; another number or a new line after it is "elsewhere"
+    assert rewards.gsm8k_format(None, ["The answer is 5 apples.", "The answer is 5.\nNext, 6", "answer is 5\nok"],
+                                None) == [1.0, 0.5, 0.5]
+
+
+def test_gsm8k_shaped_is_answer_plus_half_format_through_combine_rewards():
+    prompts = ["q"] * len(GSM8K_COMPLETIONS)
+    records = [{"prompt": "q", "answer": a} for a in GSM8K_ANSWERS]
+    total, per_func = rewards.combine_rewards(["gsm8k_answer", "gsm8k_format"], [1.0, 0.5], prompts,
+                                              GSM8K_COMPLETIONS, [[]] * len(prompts), records)
+    by_hand = [1.5, 1.5, 1.25, 1.0, 1.0, 0.5, 0.0, 1.5]
+    np.testing.assert_allclose(total, by_hand)
+    np.testing.assert_allclose(rewards.gsm8k_shaped(prompts, GSM8K_COMPLETIONS, None, answer=GSM8K_ANSWERS), by_hand)
+    assert {"gsm8k_answer", "gsm8k_format", "gsm8k_shaped"} <= set(rewards.reward_fn_names())

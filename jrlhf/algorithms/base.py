@@ -224,9 +224,70 @@ def record_location(records, message: str) -> str:
     return f"{where(int(match.group(1)) - 1)}{match.group(2)}"
 
 
+def _holdout_split(data_cfg) -> tuple[list, list]:
+    """``(train_records, held_out_records)`` of ``data.train`` with ``data.eval_holdout`` > 0: the last
+    ``eval_holdout`` records are held out.
+
+    Raises:
+      ConfigError: ``eval_holdout`` negative, combined with ``data.eval``, or not smaller than the record count.
+    """
+    from jrlhf.config import ConfigError
+    from jrlhf.data import load_records
+
+    count = data_cfg.eval_holdout
+    if count < 0:
+        raise ConfigError(f"data.eval_holdout must be >= 0 (records held out of data.train), got {count}")
+    if data_cfg.eval:
+        raise ConfigError(f"data.eval_holdout={count} and data.eval='{data_cfg.eval}' both give the eval set; "
+                          "set one of them")
+    records = load_records(data_cfg.train, key="data.train")
+    if count >= len(records):
+        raise ConfigError(f"data.eval_holdout={count} would hold out all {len(records)} records of "
+                          f"data.train='{data_cfg.train}'; hold out fewer")
+    return records[:-count], records[-count:]
+
+
+def with_system_prompt(records, system_prompt: str | None):
+    """``records`` whose ``prompt`` (a string or a message list) and ``messages`` fields start with a system message
+    ``system_prompt``; those that have one already, and every record when ``system_prompt`` is ``None``, are
+    returned unchanged. A string prompt becomes ``[system, user]`` messages."""
+    if not system_prompt or records is None:
+        return records
+    system = {"role": "system", "content": system_prompt}
+
+    def add(value):
+        if isinstance(value, str):
+            return [system, {"role": "user", "content": value}]
+        if isinstance(value, list) and not (value and isinstance(value[0], dict) and value[0].get("role") == "system"):
+            return [system] + list(value)
+        return value
+
+    out = []
+    for record in records:
+        if isinstance(record, dict):
+            record = dict(record)
+            for key in ("prompt", "messages"):
+                if key in record:
+                    record[key] = add(record[key])
+        out.append(record)
+    return out
+
+
+def preference_eval_records(data_cfg):
+    """The held-out preference records: the last ``data.eval_holdout`` records of ``data.train`` when set, else
+    ``data.eval`` (``None`` when neither); at most ``data.max_eval_examples`` of them."""
+    if data_cfg.eval_holdout:
+        held_out = _holdout_split(data_cfg)[1]
+        held_out = held_out[: data_cfg.max_eval_examples] if data_cfg.max_eval_examples else held_out
+    else:
+        held_out = load_eval_records(data_cfg.eval, data_cfg.max_eval_examples, key="data.eval")
+    return with_system_prompt(held_out, data_cfg.system_prompt)
+
+
 def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields=()):
     """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` under
-    :func:`length_limits` (prompt records use only the prompt limits); prints the report.
+    :func:`length_limits` (prompt records use only the prompt limits), without the ``data.eval_holdout`` records and
+    with ``data.system_prompt`` prepended; prints the report.
 
     ``fields``: the optional per-record fields the algorithm reads (its ``RECORD_FIELDS``, e.g. the reward model's
     ``margin``), carried into every batch. Fields that nothing reads are reported once, naming them.
@@ -236,11 +297,16 @@ def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields
     """
     from jrlhf.data import DataError, load_records, tokenize
 
-    records = load_records(source or run.cfg.data.train, key="data.train")
+    if source is None and run.cfg.data.eval_holdout:
+        records = _holdout_split(run.cfg.data)[0]
+    else:
+        records = load_records(source or run.cfg.data.train, key="data.train")
+    located = records
+    records = with_system_prompt(records, run.cfg.data.system_prompt)
     try:
         data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
     except DataError as error:
-        raise DataError(f"data.train: {record_location(records, str(error))}") from None
+        raise DataError(f"data.train: {record_location(located, str(error))}") from None
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
         ignored = ignored_fields(records, kind, fields)
@@ -271,6 +337,7 @@ def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):
     reward_fn = get_reward_fn(cfg.data.eval_reward)
     stop_ids = run_stop_token_ids(run, tuple(cfg.data.eval_stop_token_ids) + tuple(stop_token_ids))
     model = model or run.model
+    records = with_system_prompt(records, cfg.data.system_prompt)
 
     def evaluate(params, frozen):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,

@@ -18,7 +18,8 @@ import numpy as np
 
 from jrlhf import losses
 from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, concat_pairs,
-                                   generation_eval, length_limits, load_eval_records, preference_globals, tokenize_train)
+                                   generation_eval, length_limits, load_eval_records, preference_eval_records,
+                                   preference_globals, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 
@@ -259,7 +260,7 @@ def setup(run) -> AlgorithmSetup:
     elif ref_params is not None:
         frozen = {"ref_params": ref_params}
 
-    pref_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples, key="data.eval")
+    pref_records = preference_eval_records(cfg.data)
     gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     gen_eval = generation_eval(run, gen_records) if gen_records else None
     eval_ref = ref_params

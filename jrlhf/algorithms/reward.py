@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, concat_pairs, length_limits, load_eval_records, pair_scores,
-                                   preference_globals, resolve_chunk_size, tokenize_train)
+from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, concat_pairs, length_limits, pair_scores,
+                                   preference_eval_records, preference_globals, resolve_chunk_size, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import (logits_from_hidden, sequence_scores, token_logprobs_from_hidden, token_logprobs_from_logits,
                           unembedding_matrix)
@@ -106,7 +106,7 @@ def setup(run) -> AlgorithmSetup:
     from jrlhf.evaluation import preference_scores
 
     cfg = run.cfg
-    eval_records = load_eval_records(cfg.data.eval, cfg.data.max_eval_examples, key="data.eval")
+    eval_records = preference_eval_records(cfg.data)
     with_lm = cfg.algo.lm_loss_coefficient > 0
     score = jax.jit(lambda params, batch: _pair_scores_and_nll(run.model, params, batch, with_lm)[:2])
 

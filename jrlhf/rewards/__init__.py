@@ -2,7 +2,8 @@
 
 ``fn(prompts, completions, completion_ids, **record_fields) -> list[float | None]``; combine several with
 :func:`combine_rewards`; look shipped ones up by name with :func:`get_reward_fn` (``"addition_exact_match"``,
-``"addition_format"``, ``"math_answer"``, ``"format"`` (options: ``pattern``, ``mode``)).
+``"addition_format"``, ``"math_answer"``, ``"format"`` (options: ``pattern``, ``mode``), and the GSM8K recipe's
+``"gsm8k_answer"``, ``"gsm8k_format"``, ``"gsm8k_shaped"``).
 """
 
 from jrlhf.rewards.core import (
@@ -14,6 +15,7 @@ from jrlhf.rewards.core import (
     reward_fn_names,
     reward_metrics,
 )
+from jrlhf.rewards.gsm8k import ANSWER_INSTRUCTION, gsm8k_answer, gsm8k_format, gsm8k_shaped, stated_answer
 from jrlhf.rewards.verifiable import (
     addition_exact_match,
     answers_equal,
@@ -26,6 +28,7 @@ from jrlhf.rewards.verifiable import (
 )
 
 __all__ = [
+    "ANSWER_INSTRUCTION",
     "RewardError",
     "addition_exact_match",
     "answers_equal",
@@ -34,6 +37,9 @@ __all__ = [
     "extract_boxed",
     "extract_final_answer",
     "get_reward_fn",
+    "gsm8k_answer",
+    "gsm8k_format",
+    "gsm8k_shaped",
     "make_format_reward",
     "math_answer",
     "normalize_answer",
@@ -41,4 +47,5 @@ __all__ = [
     "reward_fn_name",
     "reward_fn_names",
     "reward_metrics",
+    "stated_answer",
 ]
