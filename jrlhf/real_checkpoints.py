@@ -188,6 +188,17 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     return out_dir
 
 
+def _remove_stale_partials(root: str, name: str, age_s: float = 3600.0) -> None:
+    """Deletes temporary folders of conversions of ``name`` killed over ``age_s`` seconds ago (a live conversion
+    takes well under a minute)."""
+    import time
+
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if entry.startswith(f".{name}.partial-") and time.time() - os.path.getmtime(path) > age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
     """The cached Hugging Face folder of checkpoint ``name`` (a key of :data:`CHECKPOINTS`), converted on first use.
 
@@ -210,6 +221,7 @@ def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
     except RealCheckpointError:
         raise RealCheckpointError(f"checkpoint '{name}' needs the gguf package: {entry.install_hint()}") from None
     os.makedirs(root, exist_ok=True)
+    _remove_stale_partials(root, name)
     temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
     try:
         convert_gguf(gguf_path, temporary)
