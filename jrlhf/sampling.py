@@ -564,7 +564,9 @@ def generate(
       temperature: traced float >= 0; 0 is greedy argmax.
       top_k: static int >= 0; keep the ``top_k`` most likely tokens (0 = off).
       top_p: traced float in (0, 1]; nucleus sampling over what top-k kept (1 = off).
-      eos_token_id: None (run to ``max_new_tokens``), a token id, or a list of ids ending a completion.
+      eos_token_id: None (run to ``max_new_tokens``), a token id, or a list of ids ending a completion (as
+        ``transformers.generate`` stops at every id of a generation config's list; a checkpoint's full set is
+        :func:`jrlhf.models.checkpoint.eos_token_ids`).
       pad_token_id: the token written after a completion's end.
       stop_sequences: optional list of token-id lists; a completion ends once its generated tokens end with one of
         them (the stop sequence is kept and masked in, like EOS).
