@@ -66,7 +66,7 @@ def run_stop_token_ids(run, extra=()) -> tuple:
 
 def generate_completions(model, params, tokenizer, records, *, max_new_tokens: int, batch_size: int = 64,
                          max_prompt_length: int | None = None, temperature: float = 0.0, rng=None,
-                         limits: dict | None = None, eos_token_id=None):
+                         limits: dict | None = None, max_tokens: int | None = None, eos_token_id=None):
     """Generates one completion per prompt record (greedy by default).
 
     Args:
@@ -79,6 +79,8 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
       temperature: 0 for greedy.
       limits: :class:`jrlhf.data.LengthLimits` fields (the training run's, :func:`jrlhf.algorithms.base.length_limits`:
         ``max_prompt_length``, ``truncation_mode`` and ``invalid_records`` apply); replaces ``max_prompt_length``.
+      max_tokens: at most this many prompt + completion positions per batch (the KV cache grows with them); lowers
+        ``batch_size`` (see :func:`scoring_batch_size`).
       eos_token_id: the ids that end a completion (an id or a list; a run passes :func:`run_stop_token_ids`);
         ``None``: the tokenizer's EOS and every EOS id of ``model.config``.
 
@@ -95,6 +97,7 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
 
         eos_token_id = eos_token_ids(tokenizer=tokenizer, model_config=getattr(model, "config", None))
     texts, kept = [], []
+    batch_size = scoring_batch_size(batch_size, 1, length + max_new_tokens, max_tokens)
     for i, batch in enumerate(_batches(data.examples, batch_size, collate)):
         out = sampling.generate(model, params, batch.prompt_ids, batch.prompt_mask, jax.random.fold_in(rng, i),
                                 max_new_tokens=max_new_tokens, temperature=temperature,
@@ -107,9 +110,10 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
 
 
 def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tokens: int, batch_size: int = 64,
-                    max_prompt_length: int | None = None, limits: dict | None = None, eos_token_id=None) -> dict:
+                    max_prompt_length: int | None = None, limits: dict | None = None,
+                    max_tokens: int | None = None, eos_token_id=None) -> dict:
     """Mean reward of greedy completions (exact match for a 0/1 checker) on held-out prompt records
-    (``limits`` and ``eos_token_id`` as in :func:`generate_completions`).
+    (``limits``, ``max_tokens`` and ``eos_token_id`` as in :func:`generate_completions`).
 
     Returns:
       ``{"exact_match": float, "num_examples": int}``.
@@ -118,7 +122,7 @@ def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tok
 
     texts, kept = generate_completions(model, params, tokenizer, records, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, max_prompt_length=max_prompt_length, limits=limits,
-                                       eos_token_id=eos_token_id)
+                                       max_tokens=max_tokens, eos_token_id=eos_token_id)
     prompts = [r["prompt"] for r in kept]
     total, _ = combine_rewards([reward_fn], None, prompts, texts, [None] * len(texts), kept)
     return {"exact_match": float(np.mean(total)), "num_examples": len(texts)}

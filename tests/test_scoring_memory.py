@@ -125,9 +125,8 @@ def test_no_scoring_pass_builds_vocabulary_sized_logits_over_the_budget(monkeypa
         # the check can fail: the full-softmax path has such blocks
         assert vocab_blocks(jax.make_jaxpr(full[name][0])(params).jaxpr), name
         full_fn = full[name][0]
-        np.testing.assert_allclose(float(jax.jit(fn)(params)), float(jax.jit(full_fn)(params)), rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
-        got, want = jax.jit(jax.grad(fn))(params), jax.jit(jax.grad(full_fn))(params)
+        (value, got), (expected, want) = (jax.jit(jax.value_and_grad(f))(params) for f in (fn, full_fn))
+        np.testing.assert_allclose(float(value), float(expected), rtol=1e-5, atol=1e-5, err_msg=name)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=2e-6, err_msg=name)
 

@@ -342,6 +342,7 @@ def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):
     def evaluate(params, frozen):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
                                max_new_tokens=cfg.data.eval_max_new_tokens, batch_size=cfg.data.eval_batch_size,
-                               limits=length_limits(cfg.data), eos_token_id=stop_ids)
+                               limits=length_limits(cfg.data), max_tokens=cfg.data.eval_max_tokens,
+                               eos_token_id=stop_ids)
 
     return evaluate

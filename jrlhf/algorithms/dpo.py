@@ -211,11 +211,14 @@ def update_bco_mean(algo_state, metrics):
     return {"bco_mean": mean, "bco_count": count}
 
 
-def _precompute(model, ref_params, examples, tokenizer, algo: Config, batch_size: int):
-    """Attaches ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) to every tokenised example, in place."""
+def _precompute(model, ref_params, examples, tokenizer, algo: Config, batch_size: int, max_tokens: int | None = None):
+    """Attaches ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) to every tokenised example, in place; batches
+    of at most ``batch_size`` pairs and ``max_tokens`` padded tokens."""
     from jrlhf.data import BatchIterator, collate_preference
+    from jrlhf.evaluation import scoring_batch_size
 
     length = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
+    batch_size = scoring_batch_size(batch_size, 2, length, max_tokens)
     collate = functools.partial(collate_preference, pad_id=tokenizer.pad_token_id, length=length)
     it = BatchIterator(examples, batch_size, collate, shuffle=False, drop_remainder=False, num_epochs=1,
                        process_index=0, process_count=1)
@@ -251,7 +254,8 @@ def setup(run) -> AlgorithmSetup:
     ref_params = run.params if uses_reference(algo) else None
     frozen, collate = None, None
     if ref_params is not None and algo.precompute_ref_log_probs:
-        _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size)
+        _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size,
+                    cfg.data.eval_max_tokens)
         from jrlhf.data import collate_preference, length_buckets
 
         base = functools.partial(collate_preference, pad_id=run.tokenizer.pad_token_id,
