@@ -15,12 +15,12 @@ The cache is allocated inside the program and threaded through the loop carry, s
 host round trip, no copy per step, nothing for the caller to donate.
 
 Sampling follows the ``transformers`` order: ``logits / temperature``, then top-k, then top-p (nucleus) over what
-top-k kept. ``temperature`` and ``top_p`` are traced, so changing them never recompiles; ``top_k``,
+top-k kept; :func:`filter_logits` is the exact distribution (ties included). ``temperature`` and ``top_p`` are traced, so changing them never recompiles; ``top_k``,
 ``max_new_tokens``, ``num_samples``, the EOS ids and the stop sequences are static (one compiled program per
 setting, kept in a module-level cache). ``temperature == 0`` is greedy argmax. The per-step work avoids sorting the
 vocabulary: one uniform per row and a blocked inverse CDF instead of a Gumbel per vocabulary entry, ``lax.top_k``
-only when ``top_k > 0``, and for top-p without top-k a bisection for the nucleus threshold, skipped by
-``lax.cond`` while ``top_p >= 1``.
+only when ``top_k > 0`` (for the k-th largest logit), and for top-p a bisection for the nucleus threshold,
+skipped by ``lax.cond`` while ``top_p >= 1``.
 
 The returned log-probs are those of the sampled tokens under ``log_softmax(logits / temperature)`` *before*
 top-k/top-p filtering (the "old log-probs" of PPO/GRPO); for greedy decoding they are ``log_softmax(logits)``.
@@ -85,40 +85,33 @@ class SampleOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _nucleus_keep(sorted_logits: Array, top_p: Array) -> Array:
-    """``[..., K]`` bool: which of the descending-sorted logits the nucleus of mass ``top_p`` keeps.
-
-    A token is kept when the probability mass of the tokens ranked above it is below ``top_p`` (the most likely
-    token is always kept); ``top_p >= 1`` keeps everything, whatever the float rounding of the cumulative sum.
-    """
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    return (mass_above < top_p) | (top_p >= 1.0)
-
-
 def filter_logits(logits: Array, *, top_k: int = 0, top_p: float | Array = 1.0) -> Array:
-    """Applies top-k then top-p (nucleus) filtering: ``[..., V]`` float logits -> ``[..., V]``, dropped at -inf.
+    """The distribution :func:`generate` samples from: top-k then top-p (nucleus) filtering of ``[..., V]`` float
+    logits (pass ``logits / temperature``); dropped tokens get ``-inf``, kept ones keep their logit.
 
-    ``top_k == 0`` disables top-k, ``top_p >= 1`` disables top-p; top-p's probabilities are those of the logits
-    left by top-k, as in ``transformers``. This is the distribution :func:`generate` samples from (given
-    ``logits / temperature``); the sampler itself uses cheaper equivalents that avoid sorting the vocabulary.
+    * top-k (``top_k > 0``): keep every token whose logit is at least the ``top_k``-th largest, so tokens tied with
+      it are all kept (``transformers``' ``TopKLogitsWarper``).
+    * top-p (``top_p < 1``), over what top-k kept, with the probabilities of those logits: rank the tokens by
+      probability; a token is kept when the mass of the tokens ranked above it is below ``top_p`` (the most likely
+      token is always kept), then every token exactly as likely as a kept one is kept too, so the nucleus does not
+      depend on the order of tied tokens. Without ties this is ``transformers``' ``TopPLogitsWarper`` (which, on a
+      tie at the nucleus boundary, keeps tied tokens by its sort order).
+
+    This reference sorts the vocabulary; the sampler uses sort-free equivalents (a threshold for top-k, a bisection
+    for the nucleus threshold) that give the same set. ``top_k == 0`` and ``top_p >= 1`` disable each filter.
     """
     logits = jnp.asarray(logits, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
     vocab = logits.shape[-1]
-    k = vocab if top_k <= 0 else min(int(top_k), vocab)
-    sorted_logits, sorted_idx = lax.top_k(logits, k)
-    kept_sorted = jnp.where(_nucleus_keep(sorted_logits, top_p), sorted_logits, -jnp.inf)
-    out = jnp.full_like(logits, -jnp.inf)
-    return jnp.put_along_axis(out, sorted_idx, kept_sorted, axis=-1, inplace=False)
-
-
-def _nucleus_sorted(weights: Array, top_p: Array) -> Array:
-    """Zeroes the weights ``[R, K]`` (unnormalised probabilities, sorted descending) outside the top-p nucleus."""
-    cumulative = jnp.cumsum(weights, axis=-1)
-    mass_above = cumulative - weights
-    keep = (mass_above < top_p * cumulative[:, -1:]) | (top_p >= 1.0)
-    return jnp.where(keep, weights, 0.0)
+    if 0 < top_k < vocab:
+        kth = lax.top_k(logits, int(top_k))[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    ranked = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_above < top_p) | (top_p >= 1.0)
+    threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
 def _nucleus_unsorted(weights: Array, top_p: Array) -> Array:
@@ -213,18 +206,13 @@ def _select_tokens(
         top = jnp.max(scaled, axis=-1, keepdims=True)
         tiny = jnp.finfo(jnp.float32).tiny
         uniform = jax.random.uniform(key, (rows,), jnp.float32, minval=tiny, maxval=1.0)
-        if 0 < top_k < vocab:
-            # lax.top_k returns the candidates sorted, so top-p after top-k needs no further sort.
-            cand_logits, cand_idx = lax.top_k(scaled, top_k)
-            cand_weights = _nucleus_sorted(jnp.exp(cand_logits - top), top_p)
-            choice = _inverse_cdf(cand_weights, uniform)
-            token = jnp.take_along_axis(cand_idx, choice[:, None], axis=-1)[:, 0]
-            log_total = jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
-        else:
-            weights = jnp.exp(scaled - top)
-            log_total = jnp.log(jnp.sum(weights, axis=-1))
-            weights = lax.cond(top_p < 1.0, _nucleus_unsorted, lambda w, _: w, weights, top_p)
-            token = _inverse_cdf(weights, uniform)
+        weights = jnp.exp(scaled - top)
+        log_total = jnp.log(jnp.sum(weights, axis=-1))
+        if 0 < top_k < vocab:  # every token at least as likely as the k-th (ties kept, as filter_logits)
+            kth = lax.top_k(scaled, top_k)[0][:, -1:]
+            weights = jnp.where(scaled >= kth, weights, 0.0)
+        weights = lax.cond(top_p < 1.0, _nucleus_unsorted, lambda w, _: w, weights, top_p)
+        token = _inverse_cdf(weights, uniform)
         token = token.astype(jnp.int32)
         picked = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
         return token, picked - top[:, 0] - log_total

@@ -169,6 +169,7 @@ def make_loss_fn(model, algo: Config):
 
     def loss_fn(params, batch, frozen, ctx):
         delta = ctx.algo_state["bco_mean"] if algo.bco_running_mean else 0.0
+        micro = ctx.globals.get("num_microbatches", 1.0)
         t = dpo_terms(model, params, batch, frozen, algo, bco_delta=delta, counts=ctx.globals)
         loss = jnp.sum(t["losses"]) / ctx.globals["num_sequences"]
         cr, rr = t["chosen_rewards"], t["rejected_rewards"]
@@ -188,12 +189,12 @@ def make_loss_fn(model, algo: Config):
             nll, _ = losses.sft_loss(t["chosen_token_logps"], seq_mask,
                                      normalizer=ctx.globals["num_chosen_sequence_tokens"])
             loss = loss + nll
-            metrics["nll_loss"] = nll
+            metrics["nll_loss"] = nll * micro  # this micro-batch's share x M: the step averages
         elif algo.rpo_alpha:
             nll, _ = losses.sft_loss(t["chosen_token_logps"], t["chosen_mask"],
                                      normalizer=ctx.globals["num_chosen_tokens"])
             loss = loss + algo.rpo_alpha * nll
-            metrics["nll_loss"] = nll
+            metrics["nll_loss"] = nll * micro  # this micro-batch's share x M: the step averages
         if algo.loss_type == "orpo":
             metrics["log_odds_ratio"] = jnp.mean(t["log_odds_ratio"])
             metrics["log_odds_chosen"] = jnp.mean(t["log_odds_chosen"])

@@ -108,8 +108,10 @@ def make_prepare_batch(algo: Config):
 
 
 def policy_loss(logps, batch, algo: Config, ctx, num_microbatches: int = 1, entropies=None):
-    """GRPO loss of one micro-batch from its policy log-probs ``[b, N]``, with the TRL 1.16 normaliser of
-    ``algo.loss_type`` (see the module docstring). Returns ``(loss, metrics)``."""
+    """GRPO loss of one micro-batch from its policy log-probs ``[b, N]``, with the batch-global normaliser of
+    ``algo.loss_type`` (see the module docstring); token-mean metrics scaled to stay exact under accumulation
+    (:func:`jrlhf.step.microbatch_share`). ``num_microbatches`` is unused (the counts come from ``ctx``) and kept
+    for callers that pass it. Returns ``(loss, metrics)``."""
     n, mask = onpolicy.completion_part(batch)
     normalizer = None
     if algo.loss_type in ("grpo", "sapo", "luspo"):
@@ -137,7 +139,7 @@ def policy_loss(logps, batch, algo: Config, ctx, num_microbatches: int = 1, entr
 
 def make_loss_fn(model, algo: Config, num_microbatches: int = 1):
     """``loss_fn(params, batch, frozen, ctx)`` on one micro-batch of the rollout: TRL-named metrics ``kl`` (beta >
-    0), ``entropy``, ``clip_ratio/*`` (``cispo_clip_ratio`` for cispo)."""
+    0), ``entropy``, ``clip_ratio/*`` (``cispo_clip_ratio`` for cispo). ``num_microbatches`` is unused."""
 
     def loss_fn(params, batch, frozen, ctx):
         _, logps, entropies, _ = onpolicy.rollout_forward(model, params, batch, algo)

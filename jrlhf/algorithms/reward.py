@@ -86,7 +86,7 @@ def make_loss_fn(model, algo: Config):
         if with_lm:
             lm_loss = nll / jnp.maximum(ctx.globals["num_chosen_tokens"], 1.0)
             loss = loss + algo.lm_loss_coefficient * lm_loss
-            extra["lm_loss"] = lm_loss
+            extra["lm_loss"] = lm_loss * ctx.globals.get("num_microbatches", 1.0)  # the step averages
         both = jnp.concatenate([chosen, rejected])
         metrics = {
             "accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
