@@ -470,8 +470,11 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
 
     preempted = shutdown.requested()
     if preempted:
-        log(f"\n[preempted] {shutdown.name}: step {step} is saved in {ckpt.directory}; rerun the same command to "
-            "resume")
+        if ckpt.latest_step() is None:
+            log(f"\n[preempted] {shutdown.name} before the first step: nothing was trained, nothing to save")
+        else:
+            log(f"\n[preempted] {shutdown.name}: step {step} is saved in {ckpt.directory}; rerun the same command "
+                "to resume")
     else:
         eval_result = evaluate(step, state, frozen)
         preempted = shutdown.requested()

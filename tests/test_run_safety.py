@@ -206,3 +206,26 @@ def test_every_interruption_resumes_to_the_uninterrupted_parameters(tmp_path, sf
     assert sorted(final) == sorted(reference)
     for name in reference:
         assert np.array_equal(final[name], reference[name]), name
+
+
+def test_run_lock_tells_live_from_stale_owners(tmp_path, capsys):
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now",
+          "start_ticks": checkpoint._process_start_ticks(os.getpid())}
+    first = checkpoint.RunLock(str(tmp_path)).acquire()
+    with pytest.raises(checkpoint.RunLockedError, match=f"pid {os.getpid()} on host"):
+        checkpoint.RunLock(str(tmp_path)).acquire()  # a live owner, even this very process
+    first.release()
+    assert not (tmp_path / checkpoint.LOCK_NAME).exists()
+    first.release()  # a second release is a no-op
+
+    lock_file = tmp_path / checkpoint.LOCK_NAME
+    if me["start_ticks"] is not None:  # same pid, other start time: the pid was reused by a newer process
+        lock_file.write_text(json.dumps(dict(me, start_ticks=me["start_ticks"] - 1)))
+        checkpoint.RunLock(str(tmp_path)).acquire().release()
+        assert "now belongs to another process" in capsys.readouterr().out
+    lock_file.write_text("")  # a half-written lock of a crashed run
+    second = checkpoint.RunLock(str(tmp_path)).acquire()
+    assert "unreadable or empty" in capsys.readouterr().out
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    second.release()
+    assert sorted(os.listdir(tmp_path)) == []  # no temporary or set-aside lock files left

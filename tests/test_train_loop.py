@@ -12,7 +12,6 @@ from jrlhf import cli
 from jrlhf.checkpoint import CheckpointError
 from jrlhf.config import ConfigError, build_config, load_config, parse_overrides
 from jrlhf.data import load_records, write_jsonl
-from jrlhf.errors import NonFiniteLossError
 
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
               "max_position_embeddings": 64}
@@ -65,8 +64,9 @@ def test_same_seed_same_params(tmp_path, sft_file):
     assert any(not np.array_equal(a[k], c[k]) for k in a)
 
 
-def test_planted_nan_stops_at_that_step_and_keeps_last_good_checkpoint(tmp_path, sft_file, monkeypatch):
+def test_planted_nan_stops_at_that_step_and_keeps_last_good_checkpoint(tmp_path, sft_file, monkeypatch, capsys):
     import jax.numpy as jnp
+    import yaml
 
     from jrlhf.algorithms import sft
 
@@ -82,14 +82,19 @@ def test_planted_nan_stops_at_that_step_and_keeps_last_good_checkpoint(tmp_path,
         return wrapped
 
     monkeypatch.setattr(sft, "make_loss_fn", poisoned)
-    with pytest.raises(NonFiniteLossError, match="at step 5:") as err:  # the update of state step 4 is loop step 5
-        jrlhf.train(tiny_config(tmp_path / "nan", sft_file, steps=10, save_every=2))
-    assert "last good checkpoint: step 4" in str(err.value)
-    assert "raise train.max_nonfinite" in str(err.value)
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path / "nan", sft_file, steps=10, save_every=2)))
+    assert cli.main(["train", "sft", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    # the update of state step 4 is the loop's (and metrics.jsonl's) step 5; the advice names a key that exists
+    assert "non-finite loss or gradients at step 5:" in err and "last good checkpoint: step 4" in err, err
+    assert "raise train.max_nonfinite" in err and hasattr(build_config({}).train, "max_nonfinite")
     logged = [json.loads(line) for line in open(tmp_path / "nan" / "metrics.jsonl")]
     assert [r["nonfinite_count"] for r in logged if r["step"] == 5] == [1]
     assert [r["nonfinite_count"] for r in logged if r["step"] == 4] == [0]
     assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["2", "4"]
+    assert not (tmp_path / "nan" / "hf_model").exists()
 
 
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, sft_file):
