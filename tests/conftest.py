@@ -41,3 +41,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
                 break
 
+
+
+@pytest.fixture
+def require():
+    """``require("torch")`` skips the rest of a test, with the reason naming the extra, when that optional package
+    is missing: for a test whose last check needs it after checks that do not (they have passed by then)."""
+
+    def check(marker: str) -> None:
+        module, reason = _OPTIONAL[marker]
+        if _missing(module):
+            pytest.skip(f"{reason} (the checks before this point passed)")
+
+    return check

@@ -48,6 +48,7 @@ def test_dry_run_tiny_writes_plan_and_traces_every_step(tmp_path):
     assert "Dry run" in markdown and "TRL DPOTrainer" in markdown
 
 
+@pytest.mark.torch
 def test_accelerator_size_traces_abstractly_and_matches_transformers_parameter_count():
     pytest.importorskip("transformers")
     from benchmarks import plan
@@ -142,6 +143,7 @@ def _rows(ids, mask):
     return sorted(tuple(int(t) for t, m in zip(r, mr) if m) for r, mr in zip(np.asarray(ids), np.asarray(mask)))
 
 
+@pytest.mark.trl
 def test_trl_trainers_see_the_tokens_jrlhf_sees(tmp_path):
     pytest.importorskip("trl")
     from benchmarks import jrlhf_side, torch_side

@@ -84,8 +84,9 @@ def test_masked_stats_hand_computed():
         L.masked_whiten(x, m, eps_mode="bogus")
 
 
+@pytest.mark.torch
 def test_masked_whiten_matches_verl_formula_on_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     x = RNG.normal(size=(4, 6))
     m = _random_mask(4, 6)
     tx, tm = torch.tensor(x), torch.tensor(m, dtype=torch.float64)
@@ -134,9 +135,10 @@ def test_logprobs_and_entropy_hand_computed():
         L.logprobs_from_logits(logits, jnp.array([0]), temperature=0.0)
 
 
+@pytest.mark.trl
 def test_logprobs_and_entropy_match_trl():
-    torch = pytest.importorskip("torch")
-    trl_utils = pytest.importorskip("trl.trainer.utils")
+    import torch
+    import trl.trainer.utils as trl_utils
     logits = RNG.normal(size=(2, 6, 13)).astype(np.float32) * 3
     tokens = RNG.integers(0, 13, size=(2, 6))
     expected = trl_utils.selective_log_softmax(torch.tensor(logits), torch.tensor(tokens)).numpy()
@@ -204,8 +206,9 @@ def test_kl_penalty_hand_computed_and_clamps():
         L.kl_penalty(lp, ref, "k4")
 
 
+@pytest.mark.torch
 def test_kl_penalty_matches_trl_grpo_and_openrlhf_formulas_on_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     lp = RNG.normal(size=(2, 5)).astype(np.float32) - 1
     ref = (lp + RNG.normal(size=(2, 5)) * 2).astype(np.float32)
     tlp, tref = torch.tensor(lp), torch.tensor(ref)

@@ -253,10 +253,10 @@ TRL_DPO_CASES = [((name,), (1.0,), "reverse_kl") for name in L.DPO_LOSS_TYPES if
 ]
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("loss_types,weights,fdiv", TRL_DPO_CASES)
 def test_dpo_loss_matches_trl_trainer(loss_types, weights, fdiv):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("trl")
+    import torch
     rng = np.random.default_rng(abs(hash((loss_types, fdiv))) % 2**32)
     ct, rt, cm, rm = _token_batch(rng)
     ct, rt = ct.astype(np.float32), rt.astype(np.float32)
@@ -286,8 +286,9 @@ def test_dpo_loss_matches_trl_trainer(loss_types, weights, fdiv):
     np.testing.assert_allclose(float(jnp.mean(cr > rr)), trl_metrics["rewards/accuracies"][0])
 
 
+@pytest.mark.trl
 def test_simpo_and_orpo_match_trl_and_numpy():
-    torch = pytest.importorskip("torch")
+    import torch
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
@@ -356,8 +357,9 @@ def test_simpo_orpo_hand_computed():
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
+@pytest.mark.trl
 def test_kto_matches_trl_trainer_and_numpy():
-    torch = pytest.importorskip("torch")
+    import torch
     from trl.trainer.kto_trainer import KTOTrainer
 
     rng = np.random.default_rng(3)
@@ -408,8 +410,9 @@ def test_kto_matches_trl_trainer_and_numpy():
     assert float(L.kto_kl_estimate(jnp.array([-3.0]), jnp.array([-1.0]))) == 0.0
 
 
+@pytest.mark.trl
 def test_bradley_terry_matches_trl_reward_trainer_and_numpy():
-    torch = pytest.importorskip("torch")
+    import torch
     from trl.trainer.reward_trainer import RewardTrainer
 
     rng = np.random.default_rng(4)

@@ -49,10 +49,11 @@ def np_grpo_advantages(r, g, scale, eps=1e-4):
     return ((grouped - mean) / (std + eps)).reshape(-1)
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_grpo_advantages_match_numpy_and_trl(scale, dtype):
-    torch = pytest.importorskip("torch")
+    import torch
     from trl.trainer.utils import nanstd
 
     r = RNG.normal(size=12) * 2
@@ -254,10 +255,10 @@ TRL_CASES = [
 ]
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("case", TRL_CASES, ids=[f"{c[0]}-{c[4]}-{i}" for i, c in enumerate(TRL_CASES)])
 def test_grpo_loss_matches_trl_trainer(case):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("trl")
+    import torch
     loss_type, beta, eps_low, eps_high, level, delta, correction, on_policy = case
     rng = np.random.default_rng(len(loss_type) + int(beta * 100))
     lp, old, ref, adv, m = _batch(rng, spread=0.3)

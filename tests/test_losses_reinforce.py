@@ -37,10 +37,11 @@ def np_rloo(r, g, normalize=False, eps=1e-4):
     return adv
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rloo_advantages_match_numpy_trl_and_verl(normalize, dtype):
-    torch = pytest.importorskip("torch")
+    import torch
     from trl.trainer.utils import nanstd
 
     r = RNG.normal(size=12)
@@ -82,8 +83,9 @@ class _Accelerator:
         return x
 
 
+@pytest.mark.trl
 def test_rloo_loss_matches_trl_trainer():
-    torch = pytest.importorskip("torch")
+    import torch
     from trl.trainer.rloo_trainer import RLOOTrainer
 
     m = _mask()

@@ -28,8 +28,9 @@ def only_group_a(prompts, completions, completion_ids, group, **kwargs):
     return [1.5 if g == "a" else None for g in group]
 
 
+@pytest.mark.torch
 def test_combine_rewards_matches_trl_formula():
-    torch = pytest.importorskip("torch")
+    import torch
     prompts, completions, completion_ids, records = _batch()
     funcs = ["addition_exact_match", length_reward, only_group_a]
     weights = [2.0, 0.5, -1.0]

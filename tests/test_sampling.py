@@ -387,6 +387,7 @@ def _hf_greedy(hf, ids, mask, new_tokens):
     return tokens, logits
 
 
+@pytest.mark.torch
 def test_greedy_matches_transformers_generate(hf_pair):
     family, hf, model, params = hf_pair
     ids, mask = left_pad(HF_PROMPTS)
@@ -427,6 +428,7 @@ def _full_forward_logps(model, params, ids, mask, out, temperature):
     return step_logits, np.where(np.asarray(out.mask) == 1, ref, 0.0)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("hf_pair", ["llama"], indirect=True)
 def test_sampled_logps_match_a_full_forward(hf_pair):
     family, _, model, params = hf_pair
@@ -448,6 +450,7 @@ def test_sampled_logps_match_a_full_forward(hf_pair):
         assert bool(out.truncated[r]) == (not np.isin(tokens[r, length - 1], [1, 2]))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("hf_pair", ["llama"], indirect=True)
 def test_sharded_params_give_the_same_greedy_output(hf_pair):
     from jrlhf import sharding
