@@ -3,7 +3,7 @@ PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-test demo test bench bench-dry clean
+.PHONY: install install-test demo test bench bench-small bench-gpu bench-gpu-dry bench-dry clean
 
 install:
 	$(PIP) install -q -e .
@@ -19,8 +19,20 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
+# Each system (jrlhf, TRL, a plain PyTorch loop, transformers.generate) in its own process at its own threading.
 bench: install-test
 	$(PYTHON) -m benchmarks.run
+
+bench-small: install-test
+	$(PYTHON) -m benchmarks.run --size small
+
+# One GPU (H200): Qwen2-0.5B / 1.5B DPO and GRPO update, generation 64 x 512; MFU against 790 TFLOP/s bf16.
+bench-gpu:
+	$(PYTHON) -m benchmarks.gpu
+
+# The same plan at tiny shapes on the CPU (checks the script; times mean nothing).
+bench-gpu-dry:
+	$(PYTHON) -m benchmarks.gpu --shrink
 
 # Checks the GPU/TPU-sized benchmark plan without timing anything.
 bench-dry: install-test

@@ -55,6 +55,12 @@ REFERENCE_LABELS = {
 }
 
 
+def checkpoints_needed(names) -> tuple:
+    """The checkpoints (:func:`benchmarks.data.write_checkpoint` names) the benchmarks ``names`` load."""
+    needed = {"ppo_update_step": "lm_value", "reward_step": "score"}
+    return tuple(sorted({needed.get(name, "lm") for name in names}))
+
+
 def parse_benchmarks(text: str | None) -> tuple[str, ...]:
     """``"dpo_step,sft_step"`` -> the names, checked (``None`` / ``"all"``: every benchmark)."""
     if text is None or text == "all":

@@ -99,12 +99,13 @@ def model_config(size: BenchSize):
                                     scan_unroll=size.scan_unroll)
 
 
-def write_checkpoint(size: BenchSize, directory: str, seed: int = 0) -> dict:
+def write_checkpoint(size: BenchSize, directory: str, seed: int = 0,
+                     heads: tuple = ("lm", "lm_value", "score")) -> dict:
     """Initialises the model once with jrlhf and writes the Hugging Face checkpoints both systems load.
 
     Writes ``directory/lm`` (causal LM + tokenizer), ``directory/lm_value`` (causal LM whose safetensors also hold
     ``score.weight``: PPO's shared value head) and ``directory/score`` (a ``...ForSequenceClassification`` reward
-    model), all float32. Returns ``{"lm": path, "lm_value": path, "score": path}``.
+    model), all float32; only those named in ``heads``. Returns ``{name: path}`` for the written ones.
     """
     import jax
 
@@ -114,6 +115,8 @@ def write_checkpoint(size: BenchSize, directory: str, seed: int = 0) -> dict:
     tokenizer = build_tokenizer(config.vocab_size)
     paths = {}
     for offset, (name, head) in enumerate((("lm", "lm"), ("lm_value", "lm+value"), ("score", "score"))):
+        if name not in heads:
+            continue
         path = os.path.join(directory, name)
         model, params = init_model(config, jax.random.key(seed + offset), head=head)
         save_pretrained(model, params, path, dtype="float32")

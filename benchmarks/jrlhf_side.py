@@ -70,7 +70,7 @@ class JaxRunner(Runner):
         super().__init__(name, label, flops)
         self._run = run
         self._recompiles = 0
-        self.info = info or {}
+        self.info = {} if info is None else info
 
     def compile(self) -> float:
         cpu = time.process_time()
@@ -133,12 +133,15 @@ def _step_runner(name: str, s: Setup, step, batch: dict, frozen, flops: float, t
     holder = {"state": s.state}
     s.state = None  # donated by the step from now on
 
+    info = {}
+
     def run() -> int:
         holder["state"], metrics = step(holder["state"], on_mesh, frozen)
         jax.block_until_ready((holder["state"], metrics))
+        info["metrics"] = metrics  # the last step's metrics (device arrays), for tests
         return tokens
 
-    return JaxRunner(name, "jrlhf", run, flops)
+    return JaxRunner(name, "jrlhf", run, flops, info=info)
 
 
 # ---------------------------------------------------------------------------------------------------- batches

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scaling", action="store_true", help="also run jrlhf on 1, 2, 4, 8 simulated devices")
     parser.add_argument("--scaling-devices", default="1,2,4,8", help="simulated device counts (default: 1,2,4,8)")
     parser.add_argument("--scaling-benchmarks", default="dpo_step", help="jrlhf steps run on the simulated meshes")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the systems one after the other (each quits before the next starts) instead of "
+                             "interleaving their blocks: for one accelerator whose memory cannot hold every system")
     parser.add_argument("--worker-timeout", type=int, default=900, help="seconds to wait for any worker answer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scan-unroll", type=int, default=None,
@@ -265,6 +268,36 @@ def run_benchmark(name: str, args, size, checkpoint: str, log, logs_dir: str) ->
     total = args.warmup + args.rounds * args.block
     row = {"name": name, "systems": {}}
     workers = {}
+    if getattr(args, "sequential", False):
+        for system in systems:
+            one = argparse.Namespace(**vars(args))
+            one.system_list = (system,)
+            part = _interleaved(name, [system], one, size, checkpoint, log, logs_dir, total)
+            row["systems"].update(part["systems"])
+        return _finish(name, row, log)
+    return _finish(name, _interleaved(name, systems, args, size, checkpoint, log, logs_dir, total), log)
+
+
+def _finish(name: str, row: dict, log) -> dict:
+    from benchmarks import timing
+
+    jr = (row["systems"].get("jrlhf") or {}).get("summary")
+    if jr is None:
+        row.setdefault("error", (row["systems"].get("jrlhf") or {}).get("error", "jrlhf did not run"))
+        return row
+    row["ratios"] = {s: timing.ratios(jr, r["summary"]) for s, r in row["systems"].items()
+                     if s != "jrlhf" and "summary" in r}
+    log(f"[{name}] jrlhf {jr['median_tokens_per_s']:.0f} tok/s; " + "; ".join(
+        f"vs {row['systems'][s]['ready']['label']}: {r['ratio']:.2f}x (rounds {r['round_min']:.2f}-"
+        f"{r['round_max']:.2f})" for s, r in row["ratios"].items()))
+    return row
+
+
+def _interleaved(name: str, systems: list, args, size, checkpoint: str, log, logs_dir: str, total: int) -> dict:
+    from benchmarks import timing
+
+    row = {"name": name, "systems": {}}
+    workers = {}
     try:
         for system in systems:
             log(f"[{name}] starting {system}")
@@ -283,29 +316,29 @@ def run_benchmark(name: str, args, size, checkpoint: str, log, logs_dir: str) ->
             compile_text = (f", compiled in {ready['compile_s']:.1f}s" if ready.get("compile_s") is not None
                             else "")
             log(f"[{name}] {ready['label']}: built in {ready['build_s']:.1f}s{compile_text}")
-        if "jrlhf" not in workers:
-            raise timing.WorkerError(row["systems"].get("jrlhf", {}).get("error", "jrlhf did not start"))
-        warm = {}
-        for system, worker in workers.items():
-            block = worker.run(args.warmup)
-            warm[system] = block["seconds"]
-            row["systems"][system]["warmup_seconds"] = block["seconds"]
+        def run_block(system, steps):
+            try:
+                return workers[system].run(steps)
+            except timing.WorkerError as error:
+                log(f"[{name}] {system} failed: {str(error)[:3000]}")
+                row["systems"][system] = {"error": str(error).splitlines()[0]}
+                workers.pop(system).quit()
+                return None
+
+        for system in list(workers):
+            block = run_block(system, args.warmup)
+            if block is not None:
+                row["systems"][system]["warmup_seconds"] = block["seconds"]
         for system in timing.block_order(list(workers), args.rounds):
-            block = workers[system].run(args.block)
-            row["systems"][system]["blocks"].append(block)
-            log(f"  {system}: " + ", ".join(f"{s * 1e3:.0f}" for s in block["seconds"]) + " ms")
+            if system not in workers:
+                continue
+            block = run_block(system, args.block)
+            if block is not None:
+                row["systems"][system]["blocks"].append(block)
+                log(f"  {system}: " + ", ".join(f"{s * 1e3:.0f}" for s in block["seconds"]) + " ms")
         for system, record in row["systems"].items():
-            if "blocks" in record and record["blocks"]:
+            if record.get("blocks"):
                 record["summary"] = timing.summarize(record["blocks"], record["ready"]["flops"])
-        jr = row["systems"]["jrlhf"]["summary"]
-        row["ratios"] = {s: timing.ratios(jr, r["summary"]) for s, r in row["systems"].items()
-                         if s != "jrlhf" and "summary" in r}
-        log(f"[{name}] jrlhf {jr['median_tokens_per_s']:.0f} tok/s; " + "; ".join(
-            f"vs {row['systems'][s]['ready']['label']}: {r['ratio']:.2f}x (rounds {r['round_min']:.2f}-"
-            f"{r['round_max']:.2f})" for s, r in row["ratios"].items()))
-    except timing.WorkerError as error:
-        log(f"[{name}] failed: {str(error)[:3000]}")
-        row["error"] = str(error).splitlines()[0]
     finally:
         for worker in workers.values():
             worker.quit()
@@ -361,7 +394,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="jrlhf-bench-ckpt-") as checkpoint:
         if size.model_path is None:
             log(f"[setup] writing the shared checkpoint ({size.name})")
-            bdata.write_checkpoint(size, checkpoint, args.seed)
+            bdata.write_checkpoint(size, checkpoint, args.seed, heads=cases.checkpoints_needed(args.names))
         for name in args.names:
             result["benchmarks"].append(run_benchmark(name, args, size, checkpoint, log, logs_dir))
             report.write(result, args.out, stem)

@@ -103,6 +103,10 @@ def _llama(vocab, hidden, layers, heads, kv_heads, mlp, max_positions=1024, tie=
 
 
 SIZES: dict[str, BenchSize] = {
+    "mini": BenchSize(
+        name="mini", hf_config=_llama(64, 32, 1, 2, 1, 64, max_positions=64), batch_size=4, prompt_length=6,
+        completion_length=5, num_generations=2, dtype="float32", accelerator=False,
+        description="Llama, hidden 32, 1 layer, vocab 64: the harness's own tests (times mean nothing)"),
     "tiny": BenchSize(
         name="tiny", hf_config=_llama(512, 128, 4, 4, 2, 384), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,

@@ -277,10 +277,12 @@ class StepRunner(Runner):
     """A PyTorch step ``step() -> tokens`` timed by the generic loop (``system``: ``"plain"`` for a hand-written
     training loop, ``"trl"`` for ``transformers.generate``)."""
 
-    def __init__(self, name: str, label: str, step: Callable[[], int], flops: float, system: str = "plain"):
+    def __init__(self, name: str, label: str, step: Callable[[], int], flops: float, system: str = "plain",
+                 metrics: dict | None = None):
         super().__init__(name, label, flops)
         self._step = step
         self.system = system
+        self.metrics = {} if metrics is None else metrics  # the last step's loss (a detached tensor), for tests
 
     def compile(self) -> float | None:
         return None
@@ -364,14 +366,15 @@ def ppo_update(size: BenchSize, paths: dict, rollout: dict, flops: float, kl_coe
         with torch.no_grad():
             probs = torch.softmax(logits, -1)
             entropy = masked_mean(torch.logsumexp(logits, -1) - (probs * logits).sum(-1), mask)
+        metrics["loss"] = loss.detach()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics["entropy"] = entropy.item()
+        metrics["entropy"] = entropy.detach()
         return tokens
 
-    return StepRunner("ppo_update_step", "plain PyTorch PPO loop", step, flops)
+    return StepRunner("ppo_update_step", "plain PyTorch PPO loop", step, flops, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -466,6 +469,8 @@ def plain_dpo(size: BenchSize, paths: dict, batch: dict, flops: float, beta: flo
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         return (_token_logps(logits, targets) * mask).sum(-1)
 
+    metrics = {}
+
     def step() -> int:
         with torch.no_grad(), autocast:
             ref = sequence_logps(reference)
@@ -473,13 +478,14 @@ def plain_dpo(size: BenchSize, paths: dict, batch: dict, flops: float, beta: flo
             logps = sequence_logps(policy)
         margin = (logps[:pairs] - ref[:pairs]) - (logps[pairs:] - ref[pairs:])
         loss = -F.logsigmoid(beta * margin).mean()
+        metrics["loss"] = loss.detach()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens
 
-    return StepRunner("dpo_step", "plain PyTorch DPO loop", step, flops)
+    return StepRunner("dpo_step", "plain PyTorch DPO loop", step, flops, metrics=metrics)
 
 
 def plain_sft(size: BenchSize, paths: dict, batch: dict, flops: float) -> StepRunner:
@@ -498,17 +504,20 @@ def plain_sft(size: BenchSize, paths: dict, batch: dict, flops: float) -> StepRu
     tokens = int(attention.sum().item())
     autocast = _autocast(size, device)
 
+    metrics = {}
+
     def step() -> int:
         with autocast:
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        metrics["loss"] = loss.detach()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens
 
-    return StepRunner("sft_step", "plain PyTorch SFT loop", step, flops)
+    return StepRunner("sft_step", "plain PyTorch SFT loop", step, flops, metrics=metrics)
 
 
 def plain_grpo_update(size: BenchSize, paths: dict, rollout: dict, flops: float, epsilon: float = 0.2,
@@ -532,6 +541,8 @@ def plain_grpo_update(size: BenchSize, paths: dict, rollout: dict, flops: float,
     tokens = int(attention.sum().item())
     autocast = _autocast(size, device)
 
+    metrics = {}
+
     def step() -> int:
         with autocast:
             hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -n - 1:-1]
@@ -540,10 +551,11 @@ def plain_grpo_update(size: BenchSize, paths: dict, rollout: dict, flops: float,
         ratio = torch.exp(logps - old_logps)
         per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
         loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+        metrics["loss"] = loss.detach()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens
 
-    return StepRunner("grpo_update_step", "plain PyTorch GRPO loop", step, flops)
+    return StepRunner("grpo_update_step", "plain PyTorch GRPO loop", step, flops, metrics=metrics)

@@ -1,6 +1,7 @@
-"""The benchmark harness (``benchmarks/``): dry run, FLOP counts, identical inputs for both systems, alternation,
-reporting. Nothing here asserts a time."""
+"""The benchmark harness (``benchmarks/``): dry run, FLOP counts, identical inputs and losses for every system, the
+worker protocol and block interleaving, reporting. Nothing here asserts a time."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,13 +17,7 @@ from benchmarks.sizes import BenchSize, Shape, forward_flops, generation_flops, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A size small enough to build TRL trainers in a test: Llama, hidden 32, 1 layer, vocab 64.
-MINI = BenchSize(
-    name="mini", hf_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
-                                tie_word_embeddings=False),
-    batch_size=4, prompt_length=6, completion_length=5, num_generations=2, dtype="float32", accelerator=False,
-    description="test size")
+MINI = get_size("mini")
 
 
 def test_dry_run_tiny_writes_plan_and_traces_every_step(tmp_path):
@@ -56,7 +51,7 @@ def test_accelerator_size_traces_abstractly_and_matches_transformers_parameter_c
     size = get_size("qwen2-0.5b")
     assert plan.jrlhf_parameter_count(size) == plan.torch_parameter_count(size) == 494_032_768
     traced = plan.abstract_check(size, ["dpo_step", "generate_sampled"])
-    assert traced["generate_sampled"]["outputs"]["tokens"] == [16, 512]
+    assert traced["generate_sampled"]["outputs"]["tokens"] == [64, 512]  # generation: 64 rows x 512 new tokens
     assert "loss" in traced["dpo_step"]["metrics"]
 
 
@@ -180,6 +175,36 @@ def test_trl_trainers_see_the_tokens_jrlhf_sees(tmp_path):
     reward.close()
 
 
+def test_plain_loops_compute_jrlhf_losses_on_the_same_weights(tmp_path):
+    """The plain PyTorch loops are the same losses as jrlhf's: first-step losses agree on identical weights and
+    batches (DPO at initialisation is log 2 for both: policy = reference)."""
+    pytest.importorskip("transformers")
+    import jax
+
+    from benchmarks import jrlhf_side, torch_side
+    from jrlhf.sharding import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    paths = bdata.write_checkpoint(MINI, str(tmp_path))
+    seqs = bdata.make_sequences(MINI, seed=2)
+    rollout = cases.make_rollout(MINI, seqs, seed=2)
+    length = MINI.sequence_length
+    pairs = [
+        (jrlhf_side.sft(MINI, paths, seqs, 0.0, mesh=mesh),
+         torch_side.plain_sft(MINI, paths, jrlhf_side.sft_batch(seqs, length), 0.0)),
+        (jrlhf_side.dpo(MINI, paths, seqs, 0.0, mesh=mesh),
+         torch_side.plain_dpo(MINI, paths, jrlhf_side.preference_batch(seqs, length), 0.0)),
+        (jrlhf_side.grpo_update(MINI, paths, rollout, 0.0, mesh=mesh),
+         torch_side.plain_grpo_update(MINI, paths, rollout, 0.0)),
+    ]
+    for ours, plain in pairs:
+        assert ours.step() == plain.step()  # the same token count
+        mine = float(np.asarray(ours.info["metrics"]["loss"]))
+        theirs = float(plain.metrics["loss"])
+        assert mine == pytest.approx(theirs, rel=2e-4, abs=1e-6), ours.name
+    assert float(pairs[1][1].metrics["loss"]) == pytest.approx(np.log(2.0), rel=1e-6)
+
+
 class _Recorder(timing.Runner):
     def __init__(self, label, calls, tokens):
         super().__init__("fake", label, flops=100.0)
@@ -190,41 +215,93 @@ class _Recorder(timing.Runner):
         return self.tokens
 
 
-def test_alternate_interleaves_the_systems_and_drops_the_warmup():
+def test_serve_runs_the_blocks_asked_for_and_answers_each():
     calls = []
-    a, b = _Recorder("A", calls, 5), _Recorder("B", calls, 7)
-    first, second = timing.alternate(a, b, warmup=2, repeats=3, log=lambda text: None)
-    assert calls == ["A", "B"] * 5
-    assert first.tokens == [5, 5, 5] and second.tokens == [7, 7, 7]
-    assert len(first.seconds) == len(second.seconds) == 3
-    with pytest.raises(ValueError, match="warmup"):
-        timing.alternate(a, b, warmup=0, repeats=3)
+    runner = _Recorder("A", calls, 5)
+    commands = io.StringIO("".join(json.dumps(c) + "\n" for c in
+                                   ({"cmd": "run", "steps": 2}, {"cmd": "run", "steps": 3}, {"cmd": "quit"})))
+    replies = io.StringIO()
+    timing.serve(runner, 5, commands, replies, ready={"label": "A"})
+    answers = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert [a["event"] for a in answers] == ["ready", "block", "block"]
+    assert answers[0]["label"] == "A"
+    assert answers[1]["tokens"] == [5, 5] and answers[2]["tokens"] == [5, 5, 5] and len(calls) == 5
+    assert all(len(a["seconds"]) == len(a["cpu_seconds"]) == len(a["tokens"]) for a in answers[1:])
+    # asking for more steps than announced is an error naming both numbers
+    with pytest.raises(RuntimeError, match="3 more steps asked, 2 left"):
+        timing.serve(_Recorder("B", [], 1), 2, io.StringIO(json.dumps({"cmd": "run", "steps": 3}) + "\n"),
+                     io.StringIO())
 
 
-def test_summary_and_speedup_use_medians_of_tokens_per_second():
-    def measurement(seconds, tokens):
-        return timing.Measurement(name="x", label="x", system="x", seconds=seconds, tokens=tokens,
-                                  cpu_seconds=list(seconds), flops=20.0)
-
-    reference = measurement([1.0, 2.0, 4.0], [10, 10, 10])   # 10, 5, 2.5 tok/s -> median 5
-    jrlhf = measurement([0.5, 0.5, 1.0], [10, 10, 10])       # 20, 20, 10 tok/s -> median 20
-    assert reference.summary()["median_tokens_per_s"] == 5.0
-    assert reference.summary()["achieved_flops_per_s"] == 10.0  # 20 FLOPs / median 2 s
-    assert timing.speedup(jrlhf, reference) == 4.0
+def test_block_order_reverses_every_round():
+    assert timing.block_order(["jrlhf", "trl", "plain"], 3) == ["jrlhf", "trl", "plain", "plain", "trl", "jrlhf",
+                                                                "jrlhf", "trl", "plain"]
 
 
-def test_markdown_table_shows_both_systems_and_the_ratio():
-    def side(label, rate):
-        return {"label": label, "median_tokens_per_s": rate, "tokens_per_step": 100, "compile_s": 3.0,
-                "compile_cpu_s": 2.0, "compiles": 1, "achieved_flops_per_s": 5e9, "recompiles": 0}
+def test_workers_in_their_own_processes_interleave_blocks(tmp_path):
+    """A real run of the orchestrator on the 1-layer size: every system in its own worker, blocks interleaved, the
+    report has every system's rate and the ratios; no thread setting is added to the workers' environment."""
+    from benchmarks import run
 
-    result = {"meta": {"command": "python -m benchmarks.run", "threads": 2, "warmup": 2, "repeats": 10},
+    class Args:
+        pass
+
+    checkpoint = str(tmp_path / "ckpt")
+    bdata.write_checkpoint(MINI, checkpoint)
+    args = Args()
+    args.size, args.model_path, args.shrink, args.seed, args.torch_threads, args.cpus = "mini", None, False, 0, None, None
+    args.warmup, args.rounds, args.block, args.worker_timeout = 1, 2, 1, 600
+    args.system_list = ("jrlhf", "trl", "plain")
+    log = []
+    row = run.run_benchmark("sft_step", args, MINI, checkpoint, log.append, str(tmp_path))
+    assert "error" not in row, "\n".join(log)
+    assert set(row["systems"]) == {"jrlhf", "trl", "plain"}
+    pids = {record["ready"]["pid"] for record in row["systems"].values()}
+    assert len(pids) == 3  # three processes
+    for record in row["systems"].values():
+        assert record["summary"]["steps"] == 2 and len(record["warmup_seconds"]) == 1
+        assert "OMP_WAIT_POLICY" not in record["ready"]["settings"]
+    assert row["systems"]["trl"]["summary"]["tokens_per_step"] == row["systems"]["jrlhf"]["summary"][
+        "tokens_per_step"] == row["systems"]["plain"]["summary"]["tokens_per_step"]
+    assert set(row["ratios"]) == {"trl", "plain"}
+
+
+def test_summary_and_ratios_use_medians_of_tokens_per_second():
+    def block(seconds, tokens):
+        return {"seconds": seconds, "tokens": tokens, "cpu_seconds": list(seconds), "recompiles": 0}
+
+    reference = timing.summarize([block([1.0, 2.0], [10, 10]), block([4.0], [10])], flops=20.0)
+    jrlhf = timing.summarize([block([0.5, 0.5], [10, 10]), block([1.0], [10])], flops=20.0)
+    assert reference["median_tokens_per_s"] == 5.0  # 10, 5, 2.5 tok/s
+    assert reference["achieved_flops_per_s"] == 10.0  # 20 FLOPs / median 2 s
+    assert reference["block_tokens_per_s"] == [7.5, 2.5]
+    ratio = timing.ratios(jrlhf, reference)
+    assert ratio["ratio"] == 4.0 and ratio["rounds"] == [20.0 / 7.5, 4.0]
+
+
+def test_markdown_table_shows_every_system_the_ratios_the_load_and_the_command():
+    def system(label, rate, compile_s=None):
+        return {"ready": {"label": label, "compile_s": compile_s, "compiles": 1, "compile_and_first_call_s": 4.0,
+                          "settings": {"torch_threads": 2}},
+                "warmup_seconds": [1.5],
+                "summary": {"median_tokens_per_s": rate, "tokens_per_step": 100, "achieved_flops_per_s": 5e9,
+                            "recompiles": 0}}
+
+    result = {"meta": {"command": "python -m benchmarks.run", "warmup": 2, "rounds": 3, "block": 5,
+                       "uptime_before": "load average: 1.00, 1.00, 1.00",
+                       "uptime_after": "load average: 2.00, 1.00, 1.00"},
               "size": {"name": "tiny", "description": "d", "dtype": "float32", "batch_size": 8,
                        "num_generations": 4, "prompt_length": 64, "completion_length": 64},
-              "peak": {"source": "measured", "flops_per_s": 1e10, "xla": {"512": 1e10}, "torch": {"512": 9e9}},
-              "benchmarks": [{"name": "dpo_step", "reference": side("TRL DPOTrainer", 1000.0),
-                              "jrlhf": side("jrlhf", 2500.0), "speedup": 2.5, "speedup_cpu": 2.4},
+              "peak": {"source": "measured", "flops_per_s": 1e10, "stacks": {"xla": 1e10, "torch": 9e9}},
+              "benchmarks": [{"name": "dpo_step",
+                              "systems": {"jrlhf": system("jrlhf", 2500.0, 3.0), "trl": system("TRL DPOTrainer", 1000.0),
+                                          "plain": system("plain PyTorch DPO loop", 2000.0)},
+                              "ratios": {"trl": {"ratio": 2.5, "round_min": 2.4, "round_max": 2.6},
+                                         "plain": {"ratio": 1.25, "round_min": 1.2, "round_max": 1.3}}},
                              {"name": "sft_step", "error": "RuntimeError: boom"}]}
     text = report.markdown(result)
-    assert "| DPO step (sigmoid, reference forward per batch) | TRL DPOTrainer | 100 | 1000 | 2500 | **2.50x**" in text
-    assert "5.0 G (50%)" in text and "error: RuntimeError: boom" in text
+    assert ("| DPO step (sigmoid, reference forward per batch) | 100 | 2500 | 1000 | 2000 | **2.50x** (2.40-2.60) "
+            "| **1.25x** (1.20-1.30) | 3.0 | 4.0 / 1.5 / 1.5 | 50% / 50% / 50% |") in text
+    assert "error: RuntimeError: boom" in text
+    assert "`python -m benchmarks.run`" in text and "load average: 2.00" in text
+    assert "TRL DPOTrainer" in text and "plain PyTorch DPO loop" in text
