@@ -28,9 +28,9 @@ from jrlhf import sampling  # noqa: E402
 from jrlhf.data import collate_prompts, load_records, load_tokenizer, tokenize_prompts  # noqa: E402
 from jrlhf.evaluation import decode_completions  # noqa: E402
 from jrlhf.models import from_pretrained  # noqa: E402
+from jrlhf.rewards import ANSWER_INSTRUCTION as INSTRUCTION  # noqa: E402
 from jrlhf.rewards import combine_rewards, get_reward_fn, make_format_reward, math_answer  # noqa: E402
 
-from jrlhf.rewards import ANSWER_INSTRUCTION as INSTRUCTION  # noqa: E402
 VARIANTS = {
     # the question alone, under the checkpoint's own default system prompt
     "plain": lambda q: q,
