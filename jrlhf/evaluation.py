@@ -29,7 +29,7 @@ def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[
 
 def generate_completions(model, params, tokenizer, records, *, max_new_tokens: int, batch_size: int = 64,
                          max_prompt_length: int | None = None, temperature: float = 0.0, rng=None,
-                         limits: dict | None = None):
+                         limits: dict | None = None, max_tokens: int | None = None):
     """Generates one completion per prompt record (greedy by default).
 
     Args:
@@ -42,6 +42,8 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
       temperature: 0 for greedy.
       limits: :class:`jrlhf.data.LengthLimits` fields (the training run's, :func:`jrlhf.algorithms.base.length_limits`:
         ``max_prompt_length``, ``truncation_mode`` and ``invalid_records`` apply); replaces ``max_prompt_length``.
+      max_tokens: at most this many prompt + completion positions per batch (the KV cache grows with them); lowers
+        ``batch_size`` (see :func:`scoring_batch_size`).
 
     Returns:
       ``(completions: list[str], records: list[dict])`` in the input order (records dropped by tokenisation are
@@ -52,6 +54,7 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
     collate = functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id, length=length)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     texts, kept = [], []
+    batch_size = scoring_batch_size(batch_size, 1, length + max_new_tokens, max_tokens)
     for i, batch in enumerate(_batches(data.examples, batch_size, collate)):
         out = sampling.generate(model, params, batch.prompt_ids, batch.prompt_mask, jax.random.fold_in(rng, i),
                                 max_new_tokens=max_new_tokens, temperature=temperature,
@@ -64,7 +67,8 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
 
 
 def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tokens: int, batch_size: int = 64,
-                    max_prompt_length: int | None = None, limits: dict | None = None) -> dict:
+                    max_prompt_length: int | None = None, limits: dict | None = None,
+                    max_tokens: int | None = None) -> dict:
     """Mean reward of greedy completions (exact match for a 0/1 checker) on held-out prompt records.
 
     Returns:
@@ -73,7 +77,8 @@ def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tok
     from jrlhf.rewards import combine_rewards
 
     texts, kept = generate_completions(model, params, tokenizer, records, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, max_prompt_length=max_prompt_length, limits=limits)
+                                       batch_size=batch_size, max_prompt_length=max_prompt_length, limits=limits,
+                                       max_tokens=max_tokens)
     prompts = [r["prompt"] for r in kept]
     total, _ = combine_rewards([reward_fn], None, prompts, texts, [None] * len(texts), kept)
     return {"exact_match": float(np.mean(total)), "num_examples": len(texts)}

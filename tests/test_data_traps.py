@@ -256,3 +256,26 @@ def test_dpo_run_evaluates_every_held_out_pair_that_training_keeps(tmp_path):
                   "export_hf": False},
     })
     assert summary["eval"]["num_examples"] == len(records)
+
+
+def test_generation_eval_batches_hold_at_most_max_tokens_positions(monkeypatch):
+    from types import SimpleNamespace
+
+    from jrlhf import evaluation
+
+    rows = []
+
+    def fake_generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, **kwargs):
+        rows.append(prompt_ids.shape)
+        return SimpleNamespace(tokens=np.zeros((len(prompt_ids), max_new_tokens), np.int32),
+                               mask=np.zeros((len(prompt_ids), max_new_tokens), np.int32))
+
+    monkeypatch.setattr(evaluation.sampling, "generate", fake_generate)
+    tok = data.load_tokenizer("char")
+    records = [{"prompt": "1+1="} for _ in range(5)]  # 5 prompt tokens with BOS, + 3 new = 8 positions
+    texts, kept = evaluation.generate_completions(None, None, tok, records, max_new_tokens=3, batch_size=4,
+                                                  max_tokens=16)
+    assert rows == [(2, 5)] * 3 and len(texts) == len(kept) == 5
+    rows.clear()
+    evaluation.generate_completions(None, None, tok, records, max_new_tokens=3, batch_size=4)
+    assert rows == [(4, 5)] * 2

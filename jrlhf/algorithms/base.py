@@ -93,19 +93,65 @@ class AlgorithmSetup:
     export_head: str | None = None
 
 
-def completion_logps(model, params, input_ids, attention_mask, loss_mask, *, chunk_size=None, positions=None,
+LOGITS_BUDGET_BYTES = 256 * 2**20
+"""Largest float32 logits block ``"auto"`` lets a scoring pass build: 256 MiB (e.g. 8 x 128 tokens of a 64k
+vocabulary). Backward passes hold a few blocks of this size (logits, softmax, their cotangents)."""
+
+MIN_CHUNK = 128
+
+
+def check_chunk_setting(value, key: str = "algo.logprob_chunk_size") -> None:
+    """Raises :class:`jrlhf.config.ConfigError` unless ``value`` is ``"auto"``, ``None`` or a positive int."""
+    from jrlhf.config import ConfigError
+
+    if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise ConfigError(f"{key}={value!r}: use 'auto' (vocabulary chunks when the logits would exceed "
+                      f"{LOGITS_BUDGET_BYTES >> 20} MiB), null (full logits) or a positive chunk size")
+
+
+def resolve_chunk_size(setting, num_tokens: int, vocab_size: int, budget_bytes: int | None = None):
+    """The vocabulary chunk of one log-prob pass (``None``: full ``[B, T, V]`` logits).
+
+    Args:
+      setting: ``"auto"``, ``None`` (full logits) or an int chunk size (returned as is).
+      num_tokens: positions that need log-probs, ``B * T`` (static shapes, so this runs at trace time).
+      vocab_size: ``V``.
+      budget_bytes: the largest float32 logits block ``"auto"`` allows (``None``: :data:`LOGITS_BUDGET_BYTES`).
+
+    Returns:
+      ``"auto"``: ``None`` when ``num_tokens * V * 4`` bytes fit the budget (small vocabularies: the fused full
+      softmax is fastest), else the largest multiple of 128 (at least 128) whose ``[B, T, chunk]`` float32 block
+      fits, so memory stays ``O(B * T * chunk)`` whatever the vocabulary.
+    """
+    check_chunk_setting(setting)
+    if setting != "auto":
+        return setting
+    budget_bytes = LOGITS_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
+    per_column = max(1, int(num_tokens)) * 4
+    if per_column * int(vocab_size) <= budget_bytes:
+        return None
+    chunk = (budget_bytes // per_column) // MIN_CHUNK * MIN_CHUNK
+    return int(min(max(MIN_CHUNK, chunk), vocab_size))
+
+
+def completion_logps(model, params, input_ids, attention_mask, loss_mask, *, chunk_size="auto", positions=None,
                      segment_ids=None):
     """Summed and per-token log-probs of the target tokens of a right- or left-padded batch.
 
     Args:
       model, params: an LM-head model and its params.
       input_ids, attention_mask, loss_mask: ``[B, T]`` int (``loss_mask`` marks target tokens).
-      chunk_size: vocabulary chunk for the log-softmax (``None``: full logits).
+      chunk_size: vocabulary chunk for the log-softmax: ``"auto"`` (default, :func:`resolve_chunk_size`: full logits
+        while ``[B, T - 1, V]`` float32 fits :data:`LOGITS_BUDGET_BYTES`, chunks otherwise), ``None`` (full logits)
+        or an int.
 
     Returns:
       ``(summed [B] f32, token_logps [B, T-1] f32, target_mask [B, T-1] bool)``; with an ``lm+value`` model also
       ``values [B, T]`` as a fourth element.
     """
+    batch, length = input_ids.shape
+    chunk_size = resolve_chunk_size(chunk_size, batch * (length - 1), model.config.vocab_size)
     out = model_token_logprobs(model, params, input_ids, attention_mask, positions=positions,
                                segment_ids=segment_ids, chunk_size=chunk_size)
     token_logps, values = (out if isinstance(out, tuple) else (out, None))
@@ -249,6 +295,6 @@ def generation_eval(run: RunContext, records, model=None):
     def evaluate(params, frozen):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
                                max_new_tokens=cfg.data.eval_max_new_tokens, batch_size=cfg.data.eval_batch_size,
-                               limits=length_limits(cfg.data))
+                               limits=length_limits(cfg.data), max_tokens=cfg.data.eval_max_tokens)
 
     return evaluate

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, completion_logps, concat_pairs, generation_eval,
-                                   length_limits, load_eval_records, preference_eval_records, preference_globals,
-                                   tokenize_train)
+from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, concat_pairs,
+                                   generation_eval, length_limits, load_eval_records, preference_eval_records,
+                                   preference_globals, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 
@@ -47,7 +47,9 @@ class Config:
       bco_running_mean: for ``bco_pair``, use the running mean of the batch-mean rewards as δ (TRL <= 0.28).
       precompute_ref_log_probs: compute the reference log-probs once for the dataset before training.
       sync_ref_model: TR-DPO reference sync; ``ref_model_mixup_alpha`` α, every ``ref_model_sync_steps`` steps.
-      logprob_chunk_size: vocabulary chunk for the log-softmax (``None``: full logits).
+      logprob_chunk_size: vocabulary chunk for the log-softmax of the policy, reference and evaluation passes:
+        ``"auto"`` (full logits while ``[2B, T, V]`` float32 fits :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`,
+        chunks sized to it otherwise), ``None`` (full logits) or an int.
     """
 
     beta: float = 0.1
@@ -66,7 +68,7 @@ class Config:
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
-    logprob_chunk_size: int | None = None
+    logprob_chunk_size: int | str | None = "auto"
 
 
 def head(cfg) -> str:
@@ -204,11 +206,14 @@ def update_bco_mean(algo_state, metrics):
     return {"bco_mean": mean, "bco_count": count}
 
 
-def _precompute(model, ref_params, examples, tokenizer, algo: Config, batch_size: int):
-    """Attaches ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) to every tokenised example, in place."""
+def _precompute(model, ref_params, examples, tokenizer, algo: Config, batch_size: int, max_tokens: int | None = None):
+    """Attaches ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) to every tokenised example, in place; batches
+    of at most ``batch_size`` pairs and ``max_tokens`` padded tokens."""
     from jrlhf.data import BatchIterator, collate_preference
+    from jrlhf.evaluation import scoring_batch_size
 
     length = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
+    batch_size = scoring_batch_size(batch_size, 2, length, max_tokens)
     collate = functools.partial(collate_preference, pad_id=tokenizer.pad_token_id, length=length)
     it = BatchIterator(examples, batch_size, collate, shuffle=False, drop_remainder=False, num_epochs=1,
                        process_index=0, process_count=1)
@@ -239,11 +244,13 @@ def setup(run) -> AlgorithmSetup:
 
     cfg, algo, model = run.cfg, run.cfg.algo, run.model
     check_config(algo, cfg.train.num_microbatches)
+    check_chunk_setting(algo.logprob_chunk_size)
     train_data = tokenize_train(run, DATA_KIND)
     ref_params = run.params if uses_reference(algo) else None
     frozen, collate = None, None
     if ref_params is not None and algo.precompute_ref_log_probs:
-        _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size)
+        _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size,
+                    cfg.data.eval_max_tokens)
         from jrlhf.data import collate_preference, length_buckets
 
         base = functools.partial(collate_preference, pad_id=run.tokenizer.pad_token_id,

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, concat_pairs, length_limits, pair_scores, preference_eval_records,
-                                   preference_globals, tokenize_train)
+from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, concat_pairs, length_limits, pair_scores,
+                                   preference_eval_records, preference_globals, resolve_chunk_size, tokenize_train)
 from jrlhf.config import ConfigError
-from jrlhf.models import logits_from_hidden, sequence_scores, token_logprobs_from_logits, unembedding_matrix
+from jrlhf.models import (logits_from_hidden, sequence_scores, token_logprobs_from_hidden, token_logprobs_from_logits,
+                          unembedding_matrix)
 
 DATA_KIND = "preference"
 
@@ -26,12 +27,16 @@ class Config:
         (hidden-state regularisation as in Yang et al. 2024, "Regularizing Hidden States Enables Learning
         Generalizable Reward Models"). ``0`` (default, TRL's reward model): a plain score model. ``> 0`` trains the
         backbone with both an LM head and the score head; the exported checkpoint is the score model alone.
+      logprob_chunk_size: vocabulary chunk of the regulariser's log-softmax (as :class:`jrlhf.algorithms.dpo.Config`:
+        ``"auto"``, ``None`` for full logits, or an int).
     """
 
     center_rewards_coefficient: float | None = None
     lm_loss_coefficient: float = 0.0
+    logprob_chunk_size: int | str | None = "auto"
 
     def __post_init__(self):
+        check_chunk_setting(self.logprob_chunk_size)
         if self.lm_loss_coefficient < 0:
             raise ConfigError(f"algo.lm_loss_coefficient={self.lm_loss_coefficient}: must be >= 0 (0 turns the "
                              "next-token regulariser off)")
@@ -42,7 +47,7 @@ def head(cfg) -> str:
     return "lm+value" if cfg.algo.lm_loss_coefficient > 0 else "score"
 
 
-def _pair_scores_and_nll(model, params, batch, with_lm: bool):
+def _pair_scores_and_nll(model, params, batch, with_lm: bool, chunk_size="auto"):
     """``(chosen [B], rejected [B], chosen completion NLL summed over tokens (f32 scalar) or None)`` from one
     forward of the concatenated pairs; the LM head runs on the chosen rows only."""
     if not with_lm:
@@ -52,8 +57,12 @@ def _pair_scores_and_nll(model, params, batch, with_lm: bool):
     hidden, values = model.apply(params, ids, attn, return_hidden=True)
     scores = sequence_scores(values, attn)
     half = ids.shape[0] // 2
-    logits = logits_from_hidden(hidden[:half, :-1], unembedding_matrix(model, params))
-    token_logps = token_logprobs_from_logits(logits, batch["chosen_input_ids"][:, 1:])
+    hidden, targets = hidden[:half, :-1], batch["chosen_input_ids"][:, 1:]
+    chunk = resolve_chunk_size(chunk_size, targets.size, model.config.vocab_size)
+    if chunk is None:
+        token_logps = token_logprobs_from_logits(logits_from_hidden(hidden, unembedding_matrix(model, params)), targets)
+    else:
+        token_logps = token_logprobs_from_hidden(hidden, unembedding_matrix(model, params), targets, chunk)
     nll = -losses.masked_sum(token_logps, batch["chosen_loss_mask"][:, 1:] > 0)
     return scores[:half], scores[half:], nll
 
@@ -67,7 +76,7 @@ def make_loss_fn(model, algo: Config):
     with_lm = algo.lm_loss_coefficient > 0
 
     def loss_fn(params, batch, frozen, ctx):
-        chosen, rejected, nll = _pair_scores_and_nll(model, params, batch, with_lm)
+        chosen, rejected, nll = _pair_scores_and_nll(model, params, batch, with_lm, algo.logprob_chunk_size)
         per_example = losses.bradley_terry_loss(chosen, rejected, margin=batch.get("margin"),
                                                 center_rewards_coefficient=algo.center_rewards_coefficient)
         loss = jnp.sum(per_example) / ctx.globals["num_sequences"]

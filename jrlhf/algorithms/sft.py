@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from jrlhf import losses
-from jrlhf.algorithms.base import AlgorithmSetup, completion_logps, generation_eval, load_eval_records, tokenize_train
+from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, generation_eval,
+                                   load_eval_records, tokenize_train)
 
 DATA_KIND = "sft"
 
@@ -15,10 +16,12 @@ class Config:
     """SFT settings.
 
     Attributes:
-      logprob_chunk_size: vocabulary chunk for the log-softmax (``None``: full logits; set it for large vocabularies).
+      logprob_chunk_size: vocabulary chunk for the log-softmax: ``"auto"`` (full logits while ``[B, T, V]`` float32
+        fits :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`, chunks sized to it otherwise), ``None`` (full
+        logits) or an int.
     """
 
-    logprob_chunk_size: int | None = None
+    logprob_chunk_size: int | str | None = "auto"
 
 
 def head(cfg) -> str:
@@ -44,6 +47,7 @@ def make_loss_fn(model, algo: Config):
 def setup(run) -> AlgorithmSetup:
     """Builds the SFT parts for the loop."""
     cfg = run.cfg
+    check_chunk_setting(cfg.algo.logprob_chunk_size)
     train_data = tokenize_train(run, DATA_KIND)
     eval_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples)
     return AlgorithmSetup(

@@ -1,0 +1,138 @@
+"""Scoring passes bounded in memory: with ``logprob_chunk_size="auto"`` no training loss, gradient, reference or
+evaluation pass builds a ``[B, T, V]`` float array once the logits would exceed the budget, and the numbers equal
+the full-softmax path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jrlhf.algorithms import base, dpo, reward, sft
+from jrlhf.config import ConfigError
+from jrlhf.models import init_model, tiny_config
+from jrlhf.step import StepContext
+
+VOCAB = 1000
+B, T = 2, 16
+
+
+def model_of(head="lm"):
+    return init_model(tiny_config("llama", vocab_size=VOCAB), jax.random.PRNGKey(0), head=head)
+
+
+def preference_batch():
+    rng = np.random.default_rng(0)
+    batch = {}
+    for side, length in (("chosen", 14), ("rejected", 11)):
+        ids = rng.integers(3, VOCAB, size=(B, T)).astype(np.int32)
+        attention = (np.arange(T) < length).astype(np.int32)[None].repeat(B, 0)
+        loss = attention * (np.arange(T) >= 5)
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attention, f"{side}_loss_mask": loss})
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def sft_batch():
+    b = preference_batch()
+    return {"input_ids": b["chosen_input_ids"], "attention_mask": b["chosen_attention_mask"],
+            "loss_mask": b["chosen_loss_mask"]}
+
+
+def ctx_for(batch, prepare=None):
+    globals_ = {"num_sequences": jnp.float32(B)}
+    if "loss_mask" in batch:
+        globals_["num_tokens"] = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    if prepare is not None:
+        globals_.update(prepare(batch, None, {})[1])
+    return StepContext(rng=jax.random.PRNGKey(0), step=jnp.int32(0), algo_state={}, globals=globals_)
+
+
+def _subjaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _subjaxprs(item)
+
+
+def vocab_blocks(jaxpr, found=None):
+    """Shapes of every float value with ``ndim >= 3`` and last axis ``VOCAB`` anywhere in ``jaxpr`` (scans,
+    checkpoints, custom derivatives and nested jits included)."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            shape = getattr(aval, "shape", ())
+            if len(shape) >= 3 and shape[-1] == VOCAB and jnp.issubdtype(aval.dtype, jnp.floating):
+                found.append(tuple(shape))
+        for value in eqn.params.values():
+            for sub in _subjaxprs(value):
+                vocab_blocks(sub, found)
+    return found
+
+
+def passes():
+    """``name -> (fn(params) -> scalar, params)`` for every offline scoring pass, with the chunk setting given."""
+    lm_model, lm_params = model_of("lm")
+    rm_model, rm_params = model_of("lm+value")
+    pref, plain = preference_batch(), sft_batch()
+
+    def make(chunk):
+        dpo_cfg = dpo.Config(logprob_chunk_size=chunk)
+        dpo_loss = dpo.make_loss_fn(lm_model, dpo_cfg)
+        sft_loss = sft.make_loss_fn(lm_model, sft.Config(logprob_chunk_size=chunk))
+        rm_loss = reward.make_loss_fn(rm_model, reward.Config(lm_loss_coefficient=1.0, logprob_chunk_size=chunk))
+        pctx = ctx_for(pref, base.preference_globals)
+        frozen = {"ref_params": jax.tree.map(lambda x: x * 0.9, lm_params)}
+        return {
+            "dpo loss (policy + reference)": (lambda p: dpo_loss(p, pref, frozen, pctx)[0], lm_params),
+            "dpo held-out rewards": (lambda p: jnp.sum(jnp.stack(dpo._implicit_rewards(
+                lm_model, p, frozen["ref_params"], pref, dpo_cfg))), lm_params),
+            "dpo reference log-probs": (lambda p: jnp.sum(jnp.stack(dpo.reference_logps(
+                lm_model, p, pref, dpo_cfg))), lm_params),
+            "sft loss": (lambda p: sft_loss(p, plain, None, ctx_for(plain))[0], lm_params),
+            "reward model LM regulariser": (lambda p: rm_loss(p, pref, None, pctx)[0], rm_params),
+        }
+
+    return make
+
+
+def test_auto_chunk_size_by_hand():
+    # 16 rows x 511 positions of a 49,152 vocabulary: 1.6 GB of float32 logits > 256 MiB -> chunks of
+    # 268,435,456 / (8,176 x 4) = 8,208 columns, rounded down to a multiple of 128
+    assert base.resolve_chunk_size("auto", 16 * 511, 49152) == 8192
+    assert base.resolve_chunk_size("auto", 8 * 128, 104) is None  # 0.4 MB: full logits
+    assert base.resolve_chunk_size("auto", 4096 * 4096, 151936) == 128  # never below 128 columns
+    assert base.resolve_chunk_size("auto", 100, 1000, budget_bytes=100 * 1000 * 4) is None
+    assert base.resolve_chunk_size("auto", 100, 1000, budget_bytes=100 * 1000 * 4 - 1) == 896
+    assert base.resolve_chunk_size(None, 10**9, 10**6) is None and base.resolve_chunk_size(64, 1, 10) == 64
+    for bad in ("full", 0, -8, 2.5):
+        with pytest.raises(ConfigError, match="logprob_chunk_size"):
+            base.resolve_chunk_size(bad, 1, 10)
+    with pytest.raises(ConfigError, match=r"^algo.logprob_chunk_size='big'"):
+        reward.Config(logprob_chunk_size="big")
+
+
+def test_no_scoring_pass_builds_vocabulary_sized_logits_over_the_budget(monkeypatch):
+    make = passes()
+    full = make(None)
+    monkeypatch.setattr(base, "LOGITS_BUDGET_BYTES", 32 * 1024)  # [2B, T-1, 1000] f32 is 240 KB: over it
+    auto = make("auto")
+    for name, (fn, params) in auto.items():
+        for label, traced in (("value", fn), ("gradient", jax.grad(fn))):
+            assert vocab_blocks(jax.make_jaxpr(traced)(params).jaxpr) == [], f"{name} {label}"
+        # the check can fail: the full-softmax path has such blocks
+        assert vocab_blocks(jax.make_jaxpr(full[name][0])(params).jaxpr), name
+        full_fn = full[name][0]
+        np.testing.assert_allclose(float(jax.jit(fn)(params)), float(jax.jit(full_fn)(params)), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+        got, want = jax.jit(jax.grad(fn))(params), jax.jit(jax.grad(full_fn))(params)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=2e-6, err_msg=name)
+
+
+def test_default_budget_keeps_full_logits_for_small_vocabularies():
+    make = passes()
+    fn, params = make("auto")["dpo loss (policy + reference)"]
+    assert vocab_blocks(jax.make_jaxpr(fn)(params).jaxpr)  # [4, 15, 1000] f32 = 240 KB < 256 MiB: fused path
