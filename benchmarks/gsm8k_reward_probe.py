@@ -28,9 +28,9 @@ from jrlhf import sampling  # noqa: E402
 from jrlhf.data import collate_prompts, load_records, load_tokenizer, tokenize_prompts  # noqa: E402
 from jrlhf.evaluation import decode_completions  # noqa: E402
 from jrlhf.models import from_pretrained  # noqa: E402
+from jrlhf.rewards import ANSWER_INSTRUCTION as INSTRUCTION  # noqa: E402
 from jrlhf.rewards import combine_rewards, get_reward_fn, make_format_reward, math_answer  # noqa: E402
 
-INSTRUCTION = "Answer in a few short steps, then end with 'The answer is N.' where N is a number."
 VARIANTS = {
     # the question alone, under the checkpoint's own default system prompt
     "plain": lambda q: q,
@@ -42,18 +42,16 @@ VARIANTS = {
 
 
 def _candidates() -> dict:
-    """Candidate rewards: the shipped ones, and the registered GSM8K ones when present."""
+    """Candidate rewards: the shipped ones, a strict ``\\boxed{}`` format, ``answer is N`` anywhere, and the GSM8K
+    recipe's (:mod:`jrlhf.rewards.gsm8k`)."""
     out = {
         "math_answer": math_answer,
         "boxed_format": make_format_reward(r".*\\boxed\{[^{}]+\}.*"),
         "answer_is_format": make_format_reward(r"answer is\s*\$?-?[\d,]*\.?\d+", mode="search",
                                                flags=re.IGNORECASE),
     }
-    for name in ("gsm8k_answer", "gsm8k_format", "gsm8k_number_close", "gsm8k_gold_mentioned", "gsm8k_shaped"):
-        try:
-            out[name] = get_reward_fn(name)
-        except Exception:  # noqa: BLE001 - not registered in this version
-            pass
+    for name in ("gsm8k_answer", "gsm8k_format", "gsm8k_shaped"):
+        out[name] = get_reward_fn(name)
     return out
 
 
@@ -114,9 +112,9 @@ def main(argv=None) -> int:
                          "seconds": seconds, "rewards": table,
                          "samples": [{"prompt": r["prompt"], "answer": r["answer"], "completion": t}
                                      for r, t in zip(rows, texts)]}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dump, f, indent=1)
+        if args.out:  # after every variant, so that a stopped probe keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(dump, f, indent=1)
     return 0
 
 

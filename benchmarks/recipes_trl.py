@@ -156,12 +156,13 @@ def run_trl_dpo(cfg, steps: int, warmup: int, gradient_checkpointing) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from jrlhf.algorithms.base import _holdout_split
+    from jrlhf.algorithms.base import _holdout_split, with_system_prompt
     from jrlhf.data import load_records
 
     d, algo = cfg.data, cfg.algo
     records = _holdout_split(d)[0] if d.eval_holdout else load_records(d.train)
-    records = [r for r in records if all(m["content"].strip() for m in r["chosen"] + r["rejected"])]
+    records = [r for r in with_system_prompt(records, d.system_prompt)
+               if all(m["content"].strip() for m in r["chosen"] + r["rejected"])]  # as invalid_records=drop
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
@@ -183,12 +184,14 @@ def run_trl_grpo(cfg, steps: int, warmup: int, gradient_checkpointing) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from jrlhf.algorithms.base import with_system_prompt
     from jrlhf.algorithms.onpolicy import completion_length, load_reward_sources
     from jrlhf.data import load_records
 
     d, algo = cfg.data, cfg.algo
-    records = load_records(d.train)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+    records = with_system_prompt(load_records(d.train), d.system_prompt)
+    dataset = Dataset.from_list([{"prompt": r["prompt"] if isinstance(r["prompt"], list) else
+                                  [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                  for r in records])
 
     class _Run:  # what load_reward_sources reads
