@@ -333,6 +333,7 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         else:
             frozen_sh = jax.tree.map(lambda _: replicated(mesh), setup.frozen)
         frozen = put_global(setup.frozen, frozen_sh, copy=True)
+        setup.frozen = None  # the placed copy is the one in use; drop the host one (a whole reference model)
     run.params = None
     del params
 

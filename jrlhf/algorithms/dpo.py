@@ -268,7 +268,7 @@ def setup(run) -> AlgorithmSetup:
     pref_records = preference_eval_records(cfg.data)
     gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     gen_eval = generation_eval(run, gen_records) if gen_records else None
-    eval_ref = ref_params
+    eval_ref = ref_params if frozen is None else None  # with a placed reference, evaluation reads frozen's
     score = jax.jit(lambda p, ref, b: _implicit_rewards(model, p, ref, b, algo))
 
     def evaluate(params, frozen_now):
