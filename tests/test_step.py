@@ -353,7 +353,7 @@ def test_four_microbatches_equal_one_big_batch_token_mean(tiny):
         assert int(state.algo_state["calls"]) == 2 and int(state.step) == 2 and int(metrics["step"]) == 1
         assert float(state.algo_state["last_loss"]) == losses[-1]
         assert float(metrics["weight_mean"]) == pytest.approx(float(batches[1]["weights"].mean()), abs=1e-6)
-    assert seen["globals"] == ["num_sequences", "num_tokens", "weight_mean"]
+    assert seen["globals"] == ["num_microbatches", "num_sequences", "num_tokens", "weight_mean"]
 
     # Loss of the first step against numpy: whitened weights over the whole batch, token mean over the whole batch.
     first = batches[0]
