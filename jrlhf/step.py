@@ -807,10 +807,11 @@ def make_onpolicy_update(
         mini-batch update was skipped.
 
     Returns:
-      A :class:`CompiledStep`. ``state.step`` advances by ``num_epochs * num_minibatches``. Metrics are averaged
-      over all mini-batches, plus ``loss`` (mean mini-batch loss), ``grad_norm`` (mean), ``nonfinite`` (number of
-      skipped mini-batches), ``nonfinite_count``, ``step`` (the state's step before the update) and optionally
-      ``learning_rate`` (at that step).
+      A :class:`CompiledStep`. ``state.step`` advances by ``num_epochs * num_minibatches``. Metrics are combined
+      over all mini-batches (:func:`reduce_microbatch_metrics`: averaged, min / max by name), plus ``loss``
+      (mean mini-batch loss), ``grad_norm`` (mean), ``nonfinite`` (number of skipped mini-batches),
+      ``nonfinite_count``, ``step`` (the state's step before the update) and optionally ``learning_rate`` (at that
+      step).
     """
     for name, value in (("num_epochs", num_epochs), ("num_minibatches", num_minibatches)):
         if not isinstance(value, int) or value < 1:

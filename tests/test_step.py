@@ -353,7 +353,7 @@ def test_four_microbatches_equal_one_big_batch_token_mean(tiny):
         assert int(state.algo_state["calls"]) == 2 and int(state.step) == 2 and int(metrics["step"]) == 1
         assert float(state.algo_state["last_loss"]) == losses[-1]
         assert float(metrics["weight_mean"]) == pytest.approx(float(batches[1]["weights"].mean()), abs=1e-6)
-    assert seen["globals"] == ["num_sequences", "num_tokens", "weight_mean"]
+    assert seen["globals"] == ["num_microbatches", "num_sequences", "num_tokens", "weight_mean"]
 
     # Loss of the first step against numpy: whitened weights over the whole batch, token mean over the whole batch.
     first = batches[0]
@@ -565,3 +565,16 @@ def test_bad_batches_get_clear_errors(tiny):
     with pytest.raises(ValueError, match="num_epochs"):
         ST.make_onpolicy_update(make_sft_loss(model), opt, mesh, state_shardings=shardings, num_epochs=0,
                                 num_minibatches=1)
+
+
+def test_microbatch_metrics_are_combined_by_name():
+    assert [ST.metric_reduction(n) for n in ("min_reward", "clip_ratio/low_min", "max_reward", "clip_ratio/high_max",
+                                             "loss", "rewards/margins", "maximum_length")] == \
+        ["min", "min", "max", "max", "mean", "mean", "mean"]
+    stacked = {"min_reward": np.array([1.0, -2.0]), "max_reward": np.array([3.0, 5.0]), "nll": np.array([1.0, 2.0])}
+    out = ST.reduce_microbatch_metrics(stacked)
+    assert (float(out["min_reward"]), float(out["max_reward"]), float(out["nll"])) == (-2.0, 5.0, 1.5)
+    # micro-batches of 3 and 7 tokens: means 2 and 4 scaled by their shares average to the token mean (6 + 28) / 10
+    ctx = ST.StepContext(rng=None, step=0, algo_state={}, globals={"num_tokens": 10.0, "num_microbatches": 2.0})
+    shares = [float(ST.microbatch_share(n, ctx)) for n in (3, 7)]
+    assert np.mean([2.0 * shares[0], 4.0 * shares[1]]) == pytest.approx(3.4)
