@@ -121,6 +121,7 @@ class _Shutdown:
         self.signum: int | None = None
         self.main = main
         self.on_quit = []
+        self._remote = False
         self._previous = {}
 
     def __enter__(self):
@@ -152,14 +153,18 @@ class _Shutdown:
 
     @property
     def name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum is not None else None
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        return "a signal to another process" if self._remote else None
 
     def requested(self) -> bool:
         """True once a stop was asked for on any process (the processes of a multi-host run agree every call)."""
         local = self.signum is not None
         if jax.process_count() == 1:
             return local
-        return bool(np.max(distributed.process_allgather(np.int32(local))))
+        anywhere = bool(np.max(distributed.process_allgather(np.array([local], np.int32))))
+        self._remote = anywhere and not local
+        return anywhere
 
     def _restore(self):
         for sig, previous in self._previous.items():
