@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     0: done. 2: a user error, printed as one line (bad config or data, run directory in use, a save that failed,
     non-finite loss). 3: stopped by SIGTERM/SIGINT with the latest state saved (rerun to resume). A second signal
-    ends the process by that signal (130 for SIGINT, 143 for SIGTERM): nothing more was saved. Any other error propagates (Python prints the traceback, status 1) after the latest
-    completed step was saved.
+    ends the process by that signal (130 for SIGINT, 143 for SIGTERM): nothing more was saved. Any other error
+    propagates (Python prints the traceback, status 1) after the latest completed step was saved.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,4 +1,4 @@
-"""Exception types for user-facing errors (bad config, data, checkpoints, non-finite losses) and the CLI's exit codes."""
+"""Exception types for user-facing errors (bad config, data, checkpoints, non-finite losses); the CLI's exit codes."""
 
 from __future__ import annotations
 
