@@ -245,7 +245,7 @@ def _all_processes(flag: bool) -> bool:
         return flag
     from jax.experimental import multihost_utils
 
-    return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
+    return bool(np.min(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
 def _barrier(name: str) -> None:

@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     """Entry point of the ``jrlhf`` console script; returns the exit status (:mod:`jrlhf.errors` ``EXIT_*``).
 
     0: done. 2: a user error, printed as one line (bad config or data, run directory in use, a save that failed,
-    non-finite loss). 3: stopped by SIGTERM/SIGINT with the latest state saved (rerun to resume). 130: a second
-    signal quit without saving. Any other error propagates (Python prints the traceback, status 1) after the latest
-    completed step was saved.
+    non-finite loss). 3: stopped by SIGTERM/SIGINT with the latest state saved (rerun to resume). A second signal
+    ends the process by that signal (130 for SIGINT, 143 for SIGTERM): nothing more was saved. Any other error
+    propagates (Python prints the traceback, status 1) after the latest completed step was saved.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,12 +65,6 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler was installed (start-up, config loading)
         print("jrlhf: interrupted before training started; nothing to save", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BaseException as e:
-        loop = sys.modules.get("jrlhf.train_loop")
-        if loop is None or not isinstance(e, loop.Interrupted):
-            raise
-        print(f"jrlhf: {e}; the last complete checkpoint is kept", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

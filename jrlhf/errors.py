@@ -1,4 +1,4 @@
-"""Exception types for user-facing errors (bad config, data, checkpoints, non-finite losses) and the CLI's exit codes."""
+"""Exception types for user-facing errors (bad config, data, checkpoints, non-finite losses); the CLI's exit codes."""
 
 from __future__ import annotations
 
@@ -32,4 +32,5 @@ EXIT_OK = 0  # trained to train.steps, evaluated and exported
 EXIT_CRASH = 1  # unexpected error (traceback printed); the latest state was saved where possible (see the log)
 EXIT_USER_ERROR = 2  # a one-line error: bad config/data/checkpoint, run directory in use, save failed, non-finite loss
 EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT after saving the latest state: rerun the same command to resume
-EXIT_INTERRUPTED = 130  # a second SIGINT/SIGTERM: quit at once, the in-flight save abandoned (the last complete one kept)
+EXIT_INTERRUPTED = 130  # Ctrl-C before training started. A second SIGINT/SIGTERM during a run ends the process by that
+# signal (130 / 143): quit at once, the in-flight save abandoned, the last complete checkpoint kept

@@ -7,8 +7,8 @@ position and the resolved config.
 
 One shutdown path: SIGTERM or SIGINT (Ctrl-C) ends the run after the current step, an exception ends it where it is;
 either way the save in flight is finished (or, if it fails, its partial folder removed), the latest completed step is
-saved when the run has trained since the last save, and the run directory's lock is released. A second signal quits
-at once (:class:`Interrupted`). After the last step the state is saved before the final evaluation and export, so a
+saved when the run has trained since the last save, and the run directory's lock is released. A second signal ends
+the process by that signal at once. After the last step the state is saved before the final evaluation and export, so a
 stop there loses nothing.
 """
 
@@ -159,24 +159,20 @@ def count_tokens(batch) -> int:
     return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("attention_mask")))
 
 
-class Interrupted(BaseException):
-    """A second SIGTERM/SIGINT: quit at once without saving (a ``BaseException``, like ``KeyboardInterrupt``, so no
-    ``except Exception`` on the way out tries to save)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"{signal.Signals(signum).name} received twice: quit without saving")
-        self.signum = signum
-
-
 class _Shutdown:
-    """Turns the first SIGTERM / SIGINT into a stop request the loop checks between steps; a second one raises
-    :class:`Interrupted`. Restores the previous handlers on exit."""
+    """Turns the first SIGTERM / SIGINT into a stop request the loop checks between steps. A second one quits at once:
+    the ``on_quit`` callbacks run (the run lock is released), the signal's default action is restored and the signal
+    re-sent, so the process ends by that signal (status 128 + signal number; no Python clean-up, so no background save
+    thread prints tracebacks; the unfinished save's temporary folder is ignored by the next run). Restores the
+    previous handlers on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, main: bool):
         self.signum: int | None = None
         self.main = main
+        self.on_quit = []
+        self._remote = False
         self._previous = {}
 
     def __enter__(self):
@@ -188,24 +184,38 @@ class _Shutdown:
         return self
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            self._restore()
-            raise Interrupted(signum)
+            print(f"\n[stop] {name} again: quitting without saving; the last complete checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            for callback in self.on_quit:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - quitting regardless
+                    pass
+            sys.stdout.flush()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signum = signum
         if self.main:
-            print(f"\n[stop] {signal.Signals(signum).name}: stopping after the current step and saving (send it again "
-                  "to quit without saving)", file=sys.stderr, flush=True)
+            print(f"\n[stop] {name}: stopping after the current step and saving (send it again to quit without "
+                  "saving)", file=sys.stderr, flush=True)
 
     @property
     def name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum is not None else None
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        return "a signal to another process" if self._remote else None
 
     def requested(self) -> bool:
         """True once a stop was asked for on any process (the processes of a multi-host run agree every call)."""
         local = self.signum is not None
         if jax.process_count() == 1:
             return local
-        return bool(np.max(distributed.process_allgather(np.int32(local))))
+        anywhere = bool(np.max(distributed.process_allgather(np.array([local], np.int32))))
+        self._remote = anywhere and not local
+        return anywhere
 
     def _restore(self):
         for sig, previous in self._previous.items():
@@ -285,7 +295,7 @@ def train(config) -> dict:
       RunLockedError: another live run uses ``train.output_dir``.
       CheckpointSaveError: a save could not start (free space) or failed; the last good checkpoint is intact.
       NonFiniteLossError: more than ``train.max_nonfinite`` updates were non-finite; the last good checkpoint is kept.
-      Interrupted: a second signal; nothing more was saved.
+      A second SIGTERM/SIGINT ends the process by that signal at once (nothing more is saved).
       Any other exception of a step, a reward function or an evaluation: re-raised after the latest completed step
       was saved (printed as ``[saved] ...``).
     """
@@ -293,6 +303,7 @@ def train(config) -> dict:
     distributed.initialize()
     with _Shutdown(distributed.is_main_process()) as shutdown:
         lock = acquire_run_lock(os.path.abspath(cfg.train.output_dir))
+        shutdown.on_quit.append(lock.release)
         try:
             return _train(cfg, shutdown)
         finally:

@@ -83,8 +83,8 @@ def read_jsonl(path: str, limit: int | None = None) -> JsonlRecords:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(
-                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
-                    "save the file as UTF-8"
+                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                    f"{error.start + 1}); save the file as UTF-8"
                 ) from None
             if not line.strip():
                 continue
