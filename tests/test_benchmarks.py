@@ -25,6 +25,7 @@ MINI = BenchSize(
     description="test size")
 
 
+@pytest.mark.torch  # benchmarks.run sets PyTorch's threads even for --dry-run
 def test_dry_run_tiny_writes_plan_and_traces_every_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
