@@ -68,7 +68,7 @@ def chat_records(workdir: str) -> dict:
     paths = {}
     for name, records in (("sft", sft), ("pairs", pairs), ("prompts", prompts), ("eval", eval_prompts)):
         paths[name] = os.path.join(workdir, f"{name}.jsonl")
-        write_jsonl(records, paths[name])
+        write_jsonl(paths[name], records)
     return paths
 
 

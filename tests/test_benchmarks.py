@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = get_size("mini")
 
 
+@pytest.mark.torch  # benchmarks.run sets PyTorch's threads even for --dry-run
 def test_dry_run_tiny_writes_plan_and_traces_every_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
