@@ -110,12 +110,12 @@ SIZES: dict[str, BenchSize] = {
     "tiny": BenchSize(
         name="tiny", hf_config=_llama(512, 128, 4, 4, 2, 384), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,
-        description="Llama, hidden 128, 4 layers, 4 heads (2 kv), mlp 384, vocab 512 (0.92M params); 2 CPU cores",
+        description="Llama, hidden 128, 4 layers, 4 heads (2 kv), mlp 384, vocab 512 (0.92M params)",
         scan_unroll=4),
     "small": BenchSize(
         name="small", hf_config=_llama(8192, 512, 8, 8, 4, 1536), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,
-        description="Llama, hidden 512, 8 layers, 8 heads (4 kv), mlp 1536, vocab 8192 (~34M params); 2 CPU cores",
+        description="Llama, hidden 512, 8 layers, 8 heads (4 kv), mlp 1536, vocab 8192 (~34M params)",
         scan_unroll=8),
     "gpt2-125m": BenchSize(
         name="gpt2-125m",
