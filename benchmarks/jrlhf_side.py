@@ -177,7 +177,8 @@ def dpo(size: BenchSize, paths: dict, seqs: bdata.Sequences, flops: float, mesh=
     from jrlhf.step import make_train_step
 
     s = setup(size, paths["lm"], mesh=mesh)
-    step = make_train_step(algo.make_loss_fn(s.model, algo.Config(beta=0.1)), s.optimizer, s.mesh,
+    config = algo.Config(beta=0.1, logprob_chunk_size=size.logprob_chunk_size)
+    step = make_train_step(algo.make_loss_fn(s.model, config), s.optimizer, s.mesh,
                            state_shardings=s.shardings, prepare_batch=preference_globals)
     batch = preference_batch(seqs, size.sequence_length)
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
@@ -190,7 +191,8 @@ def sft(size: BenchSize, paths: dict, seqs: bdata.Sequences, flops: float, mesh=
     from jrlhf.step import make_train_step
 
     s = setup(size, paths["lm"], mesh=mesh)
-    step = make_train_step(algo.make_loss_fn(s.model, algo.Config()), s.optimizer, s.mesh,
+    config = algo.Config(logprob_chunk_size=size.logprob_chunk_size)
+    step = make_train_step(algo.make_loss_fn(s.model, config), s.optimizer, s.mesh,
                            state_shardings=s.shardings)
     batch = sft_batch(seqs, size.sequence_length)
     return _step_runner("sft_step", s, step, batch, None, flops, int(batch["attention_mask"].sum()))

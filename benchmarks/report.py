@@ -310,3 +310,39 @@ def write_plan(result: dict, out_dir: str, stem: str) -> dict:
     with open(paths["markdown"], "w") as f:
         f.write(plan_markdown(result))
     return paths
+
+
+def compact_table(result: dict) -> list[str]:
+    """A short table of a run (the README's): jrlhf's tokens/s, its ratios to each reference with their round
+    range, its compile seconds and MFU."""
+    peak = peak_flops(result)
+    lines = ["| benchmark | jrlhf tok/s | jrlhf / TRL (or generate) | jrlhf / plain PyTorch loop | jrlhf compile s "
+             "| MFU jrlhf / TRL / plain |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["benchmarks"]:
+        title = DESCRIPTIONS.get(row["name"], row["name"])
+        if "error" in row:
+            lines.append(f"| {title} | error: {row['error']} | | | | |")
+            continue
+        systems = row["systems"]
+        jr = systems["jrlhf"]["summary"]
+        summary = {s: r.get("summary") for s, r in systems.items()}
+
+        def ratio(system):
+            if system not in systems:
+                return "-"
+            if "error" in systems[system]:
+                return "error"
+            return _cell_ratio(row.get("ratios", {}).get(system))
+
+        lines.append(f"| {title} | {jr['median_tokens_per_s']:.0f} | {ratio('trl')} | {ratio('plain')} "
+                     f"| {_fmt(systems['jrlhf']['ready'].get('compile_s'), '.1f')} "
+                     f"| {_mfu(jr, peak)} / {_mfu(summary.get('trl'), peak)} / {_mfu(summary.get('plain'), peak)} |")
+    return lines
+
+
+if __name__ == "__main__":  # python -m benchmarks.report RESULT.json: the header and the short table of a run
+    import sys
+
+    with open(sys.argv[1]) as f:
+        loaded = json.load(f)
+    print("\n".join(header(loaded) + [""] + compact_table(loaded)))

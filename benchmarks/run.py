@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("warmup", "rounds", "block", "memory_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for n in args.devices:
+    for n in args.devices if args.scaling else ():
         if n < 1 or size.batch_size % n:
             parser.error(f"--scaling-devices: {n} does not divide the batch size {size.batch_size}")
     return args

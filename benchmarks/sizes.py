@@ -39,6 +39,8 @@ class BenchSize:
       model_path: a real Hugging Face checkpoint both systems load instead of random weights (``None``: a random
         checkpoint is written per run); its sizes define ``hf_config``.
       benchmarks: the benchmarks the size supports (``None``: all).
+      logprob_chunk_size: jrlhf's ``logprob_chunk_size`` of DPO/SFT (vocabulary chunk of the log-softmax; ``None``:
+        full logits); set for real vocabularies so that ``[B, T, V]`` float32 logits are not materialised.
     """
 
     name: str
@@ -56,6 +58,7 @@ class BenchSize:
     remat: str = "none"
     model_path: str | None = None
     benchmarks: tuple | None = None
+    logprob_chunk_size: int | None = None
 
     @property
     def gen_rows(self) -> int:
@@ -110,12 +113,12 @@ SIZES: dict[str, BenchSize] = {
     "tiny": BenchSize(
         name="tiny", hf_config=_llama(512, 128, 4, 4, 2, 384), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,
-        description="Llama, hidden 128, 4 layers, 4 heads (2 kv), mlp 384, vocab 512 (0.92M params); 2 CPU cores",
+        description="Llama, hidden 128, 4 layers, 4 heads (2 kv), mlp 384, vocab 512 (0.92M params)",
         scan_unroll=4),
     "small": BenchSize(
         name="small", hf_config=_llama(8192, 512, 8, 8, 4, 1536), batch_size=8, prompt_length=64,
         completion_length=64, num_generations=4, dtype="float32", accelerator=False,
-        description="Llama, hidden 512, 8 layers, 8 heads (4 kv), mlp 1536, vocab 8192 (~34M params); 2 CPU cores",
+        description="Llama, hidden 512, 8 layers, 8 heads (4 kv), mlp 1536, vocab 8192 (~34M params)",
         scan_unroll=8),
     "gpt2-125m": BenchSize(
         name="gpt2-125m",
@@ -174,7 +177,7 @@ def real_size(path: str, name: str = "smollm2-135m", batch_size: int = 8, prompt
         completion_length=completion_length, num_generations=4, dtype="float32", accelerator=False,
         description=(f"real checkpoint {os.path.basename(os.path.normpath(path))}: {hf_config.get('model_type')}, "
                      f"hidden {hf_config.get('hidden_size')}, {layers} layers, vocab {hf_config.get('vocab_size')}"),
-        scan_unroll=1, model_path=path, benchmarks=LM_BENCHMARKS)
+        scan_unroll=1, model_path=path, benchmarks=LM_BENCHMARKS, logprob_chunk_size=8192)
 
 
 def get_size(name: str, scan_unroll: int | None = None, model_path: str | None = None) -> BenchSize:

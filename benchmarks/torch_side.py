@@ -46,9 +46,15 @@ def load_causal_lm(path: str, size: BenchSize):
     """The ``transformers`` causal LM of ``path`` in float32 master weights (bf16 sizes run under autocast, as the
     TRL trainers do with ``bf16=True``), on the benchmark's device, default attention implementation (SDPA)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path)
+    quantization = getattr(config, "quantization_config", None) or {}
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
+        # a checkpoint converted from GGUF keeps the GGUF's quantization note in config.json, but its safetensors are
+        # already dequantized float tensors: without the note the Trainer accepts the model for full fine-tuning
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     return model.to(torch_device(size))
 
 
