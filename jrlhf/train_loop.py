@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -265,10 +266,11 @@ def check_batch_divisible(batch_size: int, mesh, what: str = "data.batch_size") 
     shards = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
     if batch_size % shards:
         lower, upper = batch_size - batch_size % shards, batch_size + shards - batch_size % shards
+        examples = f"{lower} or {upper}" if lower else f"{upper}"
         raise ConfigError(
             f"{what}={batch_size} is not divisible by the {shards} devices the batch is split over (mesh.data x "
             f"mesh.fsdp = {mesh.shape.get('data', 1)} x {mesh.shape.get('fsdp', 1)}); use a multiple of {shards} "
-            f"(e.g. {lower or upper} or {upper}) or change the mesh")
+            f"(e.g. {examples}) or change the mesh")
 
 
 def _to_device(batch, mesh):
@@ -499,6 +501,7 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
             if main:
                 save_pretrained(model, host, hf_dir, head=setup.export_head)
                 tokenizer.save_pretrained(hf_dir)
+                _copy_generation_config(cfg, hf_dir)
     ckpt.close()
     writer.close()
     summary = {"step": step, "eval": eval_result, "run_dir": run_dir, "hf_dir": hf_dir, "preempted": preempted,
@@ -507,6 +510,16 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _copy_generation_config(cfg: RunConfig, hf_dir: str) -> None:
+    """Copies ``generation_config.json`` of the model the run started from (``train.init_from``, else
+    ``model.path``) into the export, so that every EOS id it declares still ends generation after a reload."""
+    for source in (cfg.train.init_from, cfg.model.path):
+        path = os.path.join(source, "generation_config.json") if source else None
+        if path and os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(hf_dir, "generation_config.json"))
+            return
 
 
 def _save_on_error(ckpt, done, saved_step, save, log) -> None:

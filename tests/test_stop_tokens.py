@@ -236,3 +236,19 @@ def test_stop_token_ids_outside_the_vocabulary_is_a_config_error(end_of_turn_emi
         _grpo_parts(end_of_turn_emitter["one_eos"], tmp_path, algo={"stop_token_ids": [VOCAB]})
     with pytest.raises(ConfigError, match="stop_token_ids"):
         _grpo_parts(end_of_turn_emitter["one_eos"], tmp_path, data={"eval_stop_token_ids": ["<|im_end|>"]})
+
+
+def test_export_keeps_every_eos_id_of_the_starting_checkpoint(end_of_turn_emitter, tmp_path):
+    """``hf_model/`` carries the starting folder's generation_config.json: a policy trained from a checkpoint that
+    declares two EOS ids and reloaded from its export still stops at both."""
+    import jrlhf
+
+    folder = end_of_turn_emitter["two_eos"]
+    assert END_OF_TURN not in eos_token_ids(None, model_config=from_pretrained(folder)[0].config)
+    summary = jrlhf.train({
+        "algorithm": "sft",
+        "model": {"path": folder},
+        "data": {"tokenizer": folder, "batch_size": 8, "max_length": 16},
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 1, "progress_bar": False, "tensorboard": False},
+    })
+    assert END_OF_TURN in eos_token_ids(summary["hf_dir"])
