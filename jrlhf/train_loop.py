@@ -35,6 +35,7 @@ from jrlhf.config import ConfigError, RunConfig, build_config, load_config, to_d
 from jrlhf.data import BatchIterator, PromptBatch, load_tokenizer, make_batch_iterator
 from jrlhf.errors import CheckpointSaveError, NonFiniteLossError
 from jrlhf.metrics import MetricsWriter, to_python_scalars
+from jrlhf.models.checkpoint import read_json_file
 from jrlhf.models import from_pretrained, init_model, logical_axes, save_pretrained, tiny_config
 from jrlhf.sharding import MeshConfig, batch_shardings, logical_to_shardings, make_mesh, put_global, replicated
 from jrlhf.step import (NonFiniteError, OptimizerConfig, init_train_state, make_onpolicy_update, make_optimizer,
@@ -81,6 +82,9 @@ def resolve_tokenizer(cfg: RunConfig):
     d = cfg.data
     path = cfg.train.init_from or cfg.model.path
     key = "train.init_from" if cfg.train.init_from else "model.path"
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        # transformers' tokenizer loader reads config.json too: a damaged one is named here, in one line
+        read_json_file(os.path.join(path, "config.json"), "the model's config")
     if path and os.path.isdir(path) and d.tokenizer is None:
         if not _has_tokenizer(path):
             raise ConfigError(f"{key}='{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}); set "

@@ -113,9 +113,9 @@ def test_fields_survive_packing_and_sft_collation():
 def test_bad_or_partial_fields_are_one_line_errors(records):
     tokenizer = load_tokenizer("char")
     partial = [dict(records[0], margin=1.0), dict(records[1])]
-    with pytest.raises(DataError, match="record 1: field 'margin' is missing"):
+    with pytest.raises(DataError, match="record 2: field 'margin' is missing"):
         tokenize_preference(partial, tokenizer, fields=("margin",))
-    with pytest.raises(DataError, match="record 0: field 'margin' must be a finite number"):
+    with pytest.raises(DataError, match="record 1: field 'margin' must be a finite number"):
         tokenize_preference([dict(records[0], margin="big")], tokenizer, fields=("margin",))
     with pytest.raises(DataError, match="finite"):
         tokenize_preference([dict(records[0], margin=float("nan"))], tokenizer, fields=("margin",))

@@ -111,11 +111,13 @@ def test_byte_order_mark_is_accepted_and_indivisible_batch_is_caught_before_shar
 def hf_dir(tmp_path_factory):
     import jax
 
+    from jrlhf.data.tokenizer import save_char_tokenizer
     from jrlhf.models import init_model, save_pretrained, tiny_config
 
     model, params = init_model(tiny_config("llama", **TINY_MODEL), jax.random.PRNGKey(0))
     path = tmp_path_factory.mktemp("hf") / "model"
     save_pretrained(model, params, str(path))
+    save_char_tokenizer(str(path))  # a model folder carries its tokenizer, which a run then uses by default
     return path
 
 
@@ -153,11 +155,14 @@ def test_damaged_model_files_in_init_from_name_the_file(tmp_path, capsys, record
 
 def test_pickle_with_code_is_refused_in_one_line(tmp_path, capsys, records, hf_dir):
     torch = pytest.importorskip("torch")
+    from jrlhf.data.tokenizer import save_char_tokenizer
+
     data = tmp_path / "sft.jsonl"
     write_jsonl(str(data), records)
     evil = tmp_path / "evil"
     evil.mkdir()
     (evil / "config.json").write_text((hf_dir / "config.json").read_text())
+    save_char_tokenizer(str(evil))
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": os.getcwd}, str(evil / "pytorch_model.bin"))
     status, out, err = run_cli(capsys, "--config", config_file(tmp_path, data), "--set", f"train.init_from={evil}")
     assert_one_line_error(status, err, str(evil / "pytorch_model.bin"), "was refused", "safetensors")
