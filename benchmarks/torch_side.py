@@ -373,10 +373,7 @@ def ppo_update(size: BenchSize, paths: dict, rollout: dict, flops: float, kl_coe
             probs = torch.softmax(logits, -1)
             entropy = masked_mean(torch.logsumexp(logits, -1) - (probs * logits).sum(-1), mask)
         metrics["loss"] = loss.detach()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, params, optimizer)
         metrics["entropy"] = entropy.detach()
         return tokens
 
@@ -422,6 +419,16 @@ def generation(size: BenchSize, paths: dict, prompt_ids: np.ndarray, prompt_mask
 
 
 # ---------------------------------------------------------------------------------------------------- plain loops
+
+
+def _backward_and_step(loss, params, optimizer) -> None:
+    """The plain loops' update: backward, global-norm clipping at 1.0 (as jrlhf's ``optim.max_grad_norm``), AdamW."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _plain_optimizer(params):
@@ -485,10 +492,7 @@ def plain_dpo(size: BenchSize, paths: dict, batch: dict, flops: float, beta: flo
         margin = (logps[:pairs] - ref[:pairs]) - (logps[pairs:] - ref[pairs:])
         loss = -F.logsigmoid(beta * margin).mean()
         metrics["loss"] = loss.detach()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, params, optimizer)
         return tokens
 
     return StepRunner("dpo_step", "plain PyTorch DPO loop", step, flops, metrics=metrics)
@@ -517,10 +521,7 @@ def plain_sft(size: BenchSize, paths: dict, batch: dict, flops: float) -> StepRu
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         metrics["loss"] = loss.detach()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, params, optimizer)
         return tokens
 
     return StepRunner("sft_step", "plain PyTorch SFT loop", step, flops, metrics=metrics)
@@ -558,10 +559,7 @@ def plain_grpo_update(size: BenchSize, paths: dict, rollout: dict, flops: float,
         per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
         loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
         metrics["loss"] = loss.detach()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, params, optimizer)
         return tokens
 
     return StepRunner("grpo_update_step", "plain PyTorch GRPO loop", step, flops, metrics=metrics)

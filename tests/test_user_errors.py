@@ -6,8 +6,9 @@ import os
 import pytest
 import yaml
 
-from jrlhf import cli
 from jrlhf.data import load_records, write_jsonl
+
+from cli_helpers import assert_one_line_error, run_cli
 
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
               "max_position_embeddings": 64}
@@ -25,19 +26,6 @@ def config_file(tmp_path, train_file, **data):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
-
-
-def run_cli(capsys, *argv):
-    status = cli.main(["train", "sft", *argv])
-    out, err = capsys.readouterr()
-    return status, out, err.strip()
-
-
-def assert_one_line_error(status, err, *needles):
-    assert status == 2, err
-    assert err.startswith("jrlhf: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 # ------------------------------------------------------------------------------------------------------- config
