@@ -176,6 +176,7 @@ def test_trl_trainers_see_the_tokens_jrlhf_sees(tmp_path):
     reward.close()
 
 
+@pytest.mark.torch
 def test_plain_loops_compute_jrlhf_losses_on_the_same_weights(tmp_path):
     """The plain PyTorch loops are the same losses as jrlhf's: first-step losses agree on identical weights and
     batches (DPO at initialisation is log 2 for both: policy = reference)."""
@@ -239,6 +240,7 @@ def test_block_order_reverses_every_round():
                                                                 "jrlhf", "trl", "plain"]
 
 
+@pytest.mark.torch
 def test_workers_in_their_own_processes_interleave_blocks(tmp_path):
     """A real run of the orchestrator on the 1-layer size: every system in its own worker, blocks interleaved, the
     report has every system's rate and the ratios; no thread setting is added to the workers' environment."""

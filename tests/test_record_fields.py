@@ -29,6 +29,7 @@ def records():
     return load_records("builtin:addition/preference_train.jsonl")[:16]
 
 
+@pytest.mark.torch
 def test_margin_of_the_records_reaches_the_reward_loss_in_training(tmp_path, records, capsys):
     """All records carry margin 5.0; one step at learning rate 0 from a fresh score head logs
     mean(-log σ(r_c - r_r - 5)) of the model's scores (≈ 5.0067 as the scores are near 0), not log 2."""
