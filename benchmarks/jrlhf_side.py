@@ -182,7 +182,7 @@ def dpo(size: BenchSize, paths: dict, seqs: bdata.Sequences, flops: float, mesh=
                            state_shardings=s.shardings, prepare_batch=preference_globals)
     batch = preference_batch(seqs, size.sequence_length)
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-    return _step_runner("dpo_step", s, step, batch, {"ref_params": s.params}, flops, tokens)
+    return _step_runner("dpo_step", s, step, batch, algo.Frozen(ref_params=s.params), flops, tokens)
 
 
 def sft(size: BenchSize, paths: dict, seqs: bdata.Sequences, flops: float, mesh=None) -> JaxRunner:

@@ -123,7 +123,7 @@ def abstract_check(size: BenchSize, names) -> dict:
             loss = (dpo.make_loss_fn(model, dpo.Config()) if name == "dpo_step"
                     else reward.make_loss_fn(model, reward.Config()))
             step = make_train_step(loss, optimizer, mesh, state_shardings=shardings, prepare_batch=preference_globals)
-            frozen = {"ref_params": params} if name == "dpo_step" else None
+            frozen = dpo.Frozen(ref_params=params) if name == "dpo_step" else None
         elif name == "sft_step":
             batch = {key: _sds([b, t], i32) for key in ("input_ids", "attention_mask", "loss_mask")}
             step = make_train_step(sft.make_loss_fn(model, sft.Config()), optimizer, mesh, state_shardings=shardings)

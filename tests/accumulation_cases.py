@@ -125,7 +125,7 @@ def _build(name, options):
     if name == "dpo":
         model, params, specs = _model("lm")
         algo = dpo.Config(**options)
-        frozen = {"ref_params": _perturbed(params, 3)}
+        frozen = dpo.Frozen(ref_params=_perturbed(params, 3))
         algo_state = {"bco_mean": np.float32(0.1), "bco_count": np.float32(2.0)} if algo.bco_running_mean else {}
         return (model, _perturbed(params, 4), specs, dpo.make_loss_fn(model, algo), base.preference_globals,
                 _preference_batch(), frozen, algo_state, False)

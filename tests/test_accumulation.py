@@ -77,7 +77,7 @@ def test_dpo_sigmoid_plus_sft_with_two_lengths_split_over_two_microbatches():
         state, shardings = ST.init_train_state(params, opt, jax.random.PRNGKey(0), mesh=mesh, param_specs=specs)
         step = ST.make_train_step(dpo.make_loss_fn(model, algo), opt, mesh, state_shardings=shardings,
                                   num_microbatches=m, prepare_batch=base.preference_globals)
-        state, metrics = step(state, batch, {"ref_params": params})
+        state, metrics = step(state, batch, dpo.Frozen(ref_params=params))
         assert float(metrics["loss"]) == pytest.approx(expected, abs=1e-5), m
         updates.append(jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, state.params, params))
     assert _max_abs(jax.tree.map(lambda a, b: a - b, *updates)) <= 1e-6 * (1.0 + _max_abs(updates[0]))

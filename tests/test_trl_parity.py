@@ -327,7 +327,7 @@ def jrlhf_steps(jrlhf_models, trl_steps):
             elif case.trainer == "sft":
                 params, frozen = policy, None
             else:
-                params, frozen = policy, ({"ref_params": reference} if dpo.uses_reference(case.algo) else None)
+                params, frozen = policy, (dpo.Frozen(ref_params=reference) if dpo.uses_reference(case.algo) else None)
             (loss, metrics), grads = jax.value_and_grad(loss_fns[name], has_aux=True)(params, batch, frozen, ctx)
             out[name] = (loss, metrics, grads)
         return out

@@ -5,27 +5,58 @@ Chosen and rejected go through one concatenated forward. The reference log-probs
 DPO, TR-DPO reference sync (every ``ref_model_sync_steps`` steps the reference becomes
 ``α·policy + (1-α)·reference``), an NLL term on the chosen completions (RPO, ``rpo_alpha``), LD-DPO (``ld_alpha``),
 and BCO's running-mean baseline (``bco_running_mean``, TRL <= 0.28).
+
+:func:`make` gives the update as plain functions (:class:`jrlhf.algorithms.base.Algorithm`): the loss reads the
+preference fields :data:`jrlhf.algorithms.base.PREFERENCE_FIELDS` and ``frozen`` a :class:`Frozen` holding the
+reference params (or the batch fields :data:`REFERENCE_FIELDS` with ``precompute_ref_log_probs``)::
+
+    algorithm = dpo.make(model, dpo.Config(beta=0.1))
+    frozen = algorithm.init_frozen(params)                 # dpo.Frozen(ref_params=params)
+    step = algorithm.train_step(optimizer, mesh, state_shardings=shardings)
+    state, metrics = step(state, batch, frozen)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, concat_pairs,
-                                   generation_eval, length_limits, load_eval_records, preference_eval_records,
-                                   preference_globals, tokenize_train)
+from jrlhf.algorithms.base import (PREFERENCE_FIELDS, Algorithm, AlgorithmInputError, AlgorithmSetup,
+                                   check_chunk_setting, completion_logps, concat_pairs, generation_eval, length_limits,
+                                   load_eval_records, preference_eval_records, preference_globals, tokenize_train,
+                                   with_input_checks)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 
 DATA_KIND = "preference"
 REFERENCE_FREE_TYPES = ("simpo", "orpo")
 WHOLE_BATCH_TYPES = ("aot", "aot_unpaired", "aot_pair")
+REFERENCE_FIELDS = {
+    "ref_chosen_logps": "[B] float32: the reference's summed completion log-prob of each chosen sequence",
+    "ref_rejected_logps": "[B] float32: the reference's summed completion log-prob of each rejected sequence",
+}
+"""Precomputed reference log-probs (:func:`reference_logps` of the reference params); when a batch carries them the
+loss uses them instead of a reference forward."""
+
+
+@flax.struct.dataclass
+class Frozen:
+    """What the DPO loss reads and does not train (a pytree: pass it as ``frozen`` to the step; jit, sharding and
+    checkpoints treat it as they treat a dict).
+
+    Attributes:
+      ref_params: the reference model's params: the same model as the policy, by default a copy of the initial
+        policy (:meth:`jrlhf.algorithms.base.Algorithm.init_frozen`); TR-DPO's ``after_step`` replaces it.
+    """
+
+    ref_params: Any
 
 
 @dataclasses.dataclass
@@ -146,7 +177,7 @@ def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0, counts=
         if "ref_chosen_logps" in batch:
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif uses_reference(algo):
-            ref_c, ref_r = reference_logps(model, frozen["ref_params"], batch, algo)
+            ref_c, ref_r = reference_logps(model, _ref_params(frozen), batch, algo)
         else:
             ref_c = ref_r = None
         types = algo.loss_type if isinstance(algo.loss_type, str) else tuple(algo.loss_type)
@@ -161,6 +192,15 @@ def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0, counts=
             num_pairs=None if counts is None else counts["num_sequences"])
     out.update(losses=per, chosen_rewards=cr, rejected_rewards=rr)
     return out
+
+
+def _ref_params(frozen):
+    """``frozen.ref_params``, or an :class:`AlgorithmInputError` saying what to pass."""
+    if isinstance(frozen, Frozen):
+        return frozen.ref_params
+    raise AlgorithmInputError(f"dpo: frozen must be dpo.Frozen(ref_params=...) (Algorithm.init_frozen(params)), or "
+                              f"the batch must carry {' and '.join(REFERENCE_FIELDS)}; got "
+                              f"{type(frozen).__name__}")
 
 
 def make_loss_fn(model, algo: Config):
@@ -243,17 +283,58 @@ def collate_with_reference(examples, collate):
     return batch
 
 
+def make(model, config: Config, *, num_microbatches: int = 1) -> Algorithm:
+    """DPO (every ``config.loss_type``, SimPO, ORPO) as plain functions.
+
+    The parts: ``loss_fn`` (:func:`make_loss_fn`, checking the batch fields), ``prepare_batch``
+    :func:`jrlhf.algorithms.base.preference_globals` (the global pair, chosen-token and chosen-sequence-token counts
+    the loss divides by); ``frozen`` a :class:`Frozen` when the loss runs a reference forward (``init_frozen(params)``
+    gives ``Frozen(ref_params=params)``; ``None`` for reference-free types and with ``precompute_ref_log_probs``,
+    where the batch carries :data:`REFERENCE_FIELDS` instead); BCO's running mean as ``algo_state`` with
+    ``bco_running_mean``; TR-DPO's reference sync as ``after_step`` with ``sync_ref_model``.
+
+    Args:
+      model: an LM-head model (the policy; the reference is the same model with ``Frozen.ref_params``).
+      config: a :class:`Config`.
+      num_microbatches: the accumulation micro-batches the step will use (the whole-batch ``aot`` types refuse
+        more than 1).
+
+    Raises:
+      ConfigError: settings that cannot work together (:func:`check_config`), a bad ``logprob_chunk_size``.
+    """
+    check_config(config, num_microbatches)
+    check_chunk_setting(config.logprob_chunk_size)
+    precomputed = uses_reference(config) and config.precompute_ref_log_probs
+    needs_ref_params = uses_reference(config) and not precomputed
+    fields = {**PREFERENCE_FIELDS, **(REFERENCE_FIELDS if precomputed else {})}
+    loss_fn, prepare = with_input_checks("dpo", make_loss_fn(model, config), preference_globals, fields)
+    return Algorithm(
+        name="dpo",
+        loss_fn=loss_fn,
+        prepare_batch=prepare,
+        batch_fields=fields,
+        optional_batch_fields=REFERENCE_FIELDS if needs_ref_params else {},
+        frozen_type=Frozen if needs_ref_params else None,
+        init_frozen=(lambda params: Frozen(ref_params=params)) if needs_ref_params else (lambda params: None),
+        frozen_specs=Frozen(ref_params=logical_axes(model)) if needs_ref_params else None,
+        init_algo_state=((lambda: {"bco_mean": np.float32(0.0), "bco_count": np.float32(0.0)})
+                         if config.bco_running_mean else dict),
+        update_algo_state=update_bco_mean if config.bco_running_mean else None,
+        after_step=make_reference_sync(config) if config.sync_ref_model else None,
+    )
+
+
 def setup(run) -> AlgorithmSetup:
-    """Builds the DPO parts: reference params in ``frozen`` (a copy of the initial policy), evaluation of held-out
+    """Builds the DPO parts for the loop: :func:`make` (the reference a copy of the initial policy), the tokenised
+    data (with the reference log-probs attached once when ``precompute_ref_log_probs``), evaluation of held-out
     preference accuracy (implicit reward of chosen > rejected, as TRL counts it) and exact match."""
     from jrlhf.evaluation import preference_scores
 
     cfg, algo, model = run.cfg, run.cfg.algo, run.model
-    check_config(algo, cfg.train.num_microbatches)
-    check_chunk_setting(algo.logprob_chunk_size)
+    algorithm = make(model, algo, num_microbatches=cfg.train.num_microbatches)
     train_data = tokenize_train(run, DATA_KIND)
     ref_params = run.params if uses_reference(algo) else None
-    frozen, collate = None, None
+    collate = None
     if ref_params is not None and algo.precompute_ref_log_probs:
         _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size,
                     cfg.data.eval_max_tokens)
@@ -262,19 +343,18 @@ def setup(run) -> AlgorithmSetup:
         base = functools.partial(collate_preference, pad_id=run.tokenizer.pad_token_id,
                                  buckets=length_buckets(cfg.data.max_length, cfg.data.buckets or None))
         collate = functools.partial(collate_with_reference, collate=base)
-    elif ref_params is not None:
-        frozen = {"ref_params": ref_params}
 
     pref_records = preference_eval_records(cfg.data)
     gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     gen_eval = generation_eval(run, gen_records) if gen_records else None
-    eval_ref = ref_params if frozen is None else None  # with a placed reference, evaluation reads frozen's
+    # with a placed reference (frozen), evaluation reads frozen's; with precomputed ones, the initial params
+    eval_ref = ref_params if algorithm.frozen_type is None else None
     score = jax.jit(lambda p, ref, b: _implicit_rewards(model, p, ref, b, algo))
 
     def evaluate(params, frozen_now):
         out = {}
         if pref_records:
-            ref = frozen_now["ref_params"] if frozen_now and "ref_params" in frozen_now else eval_ref
+            ref = frozen_now.ref_params if isinstance(frozen_now, Frozen) else eval_ref
             c, r = preference_scores(lambda b: score(params, ref, b), run.tokenizer, pref_records,
                                      batch_size=cfg.data.eval_batch_size, limits=length_limits(cfg.data),
                                      max_tokens=cfg.data.eval_max_tokens)
@@ -285,21 +365,8 @@ def setup(run) -> AlgorithmSetup:
             out.update(gen_eval(params, frozen_now))
         return out
 
-    algo_state = {}
-    if algo.bco_running_mean:
-        algo_state = {"bco_mean": np.float32(0.0), "bco_count": np.float32(0.0)}
-    return AlgorithmSetup(
-        loss_fn=make_loss_fn(model, algo),
-        train_data=train_data,
-        frozen=frozen,
-        frozen_specs={"ref_params": logical_axes(model)} if frozen else None,
-        prepare_batch=preference_globals,
-        update_algo_state=update_bco_mean if algo.bco_running_mean else None,
-        algo_state=algo_state,
-        evaluate=evaluate if (pref_records or gen_eval) else None,
-        after_step=make_reference_sync(algo) if algo.sync_ref_model else None,
-        collate=collate,
-    )
+    return AlgorithmSetup.from_algorithm(algorithm, run.params, train_data, collate=collate,
+                                         evaluate=evaluate if (pref_records or gen_eval) else None)
 
 
 def _implicit_rewards(model, params, ref_params, batch, algo: Config):
@@ -314,7 +381,9 @@ def _implicit_rewards(model, params, ref_params, batch, algo: Config):
 
 
 def make_reference_sync(algo: Config):
-    """TR-DPO: ``after_step`` mixing the reference toward the policy every ``ref_model_sync_steps`` steps."""
+    """TR-DPO: ``after_step(step, state, frozen) -> frozen`` (a :class:`Frozen`) mixing the reference toward the
+    policy, ``ref = α·policy + (1-α)·ref``, when ``step`` (steps done) is a multiple of ``ref_model_sync_steps``;
+    the old reference's buffers are donated."""
     alpha = float(algo.ref_model_mixup_alpha)
     mix = jax.jit(lambda policy, ref: jax.tree.map(lambda p, r: (alpha * p + (1 - alpha) * r).astype(r.dtype),
                                                    policy, ref), donate_argnums=1)
@@ -322,6 +391,6 @@ def make_reference_sync(algo: Config):
     def after_step(step: int, state, frozen):
         if step % algo.ref_model_sync_steps:
             return frozen
-        return {**frozen, "ref_params": mix(state.params, frozen["ref_params"])}
+        return frozen.replace(ref_params=mix(state.params, frozen.ref_params))
 
     return after_step

@@ -1,4 +1,8 @@
-"""Reward modelling: Bradley-Terry loss on a scalar head, scored at the last real token."""
+"""Reward modelling: Bradley-Terry loss on a scalar head, scored at the last real token.
+
+:func:`make` gives the update as plain functions (:class:`jrlhf.algorithms.base.Algorithm`): nothing frozen, the
+preference batch fields :data:`jrlhf.algorithms.base.PREFERENCE_FIELDS` (and an optional ``margin``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,16 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, concat_pairs, length_limits, pair_scores,
-                                   preference_eval_records, preference_globals, resolve_chunk_size, tokenize_train)
+from jrlhf.algorithms.base import (PREFERENCE_FIELDS, Algorithm, AlgorithmSetup, check_chunk_setting, concat_pairs,
+                                   length_limits, pair_scores, preference_eval_records, preference_globals,
+                                   resolve_chunk_size, tokenize_train, with_input_checks)
 from jrlhf.config import ConfigError
 from jrlhf.models import (logits_from_hidden, sequence_scores, token_logprobs_from_hidden, token_logprobs_from_logits,
                           unembedding_matrix)
 
 DATA_KIND = "preference"
 RECORD_FIELDS = ("margin",)  # optional per-record fields the loss reads (carried into the batches)
+OPTIONAL_BATCH_FIELDS = {"margin": "[B] float32: the required score margin of each pair (the records' 'margin')"}
 
 
 @dataclasses.dataclass
@@ -101,6 +107,22 @@ def make_loss_fn(model, algo: Config):
     return loss_fn
 
 
+def make(model, config: Config) -> Algorithm:
+    """The reward model's update as plain functions: ``loss_fn`` (:func:`make_loss_fn`, checking the preference
+    fields), ``prepare_batch`` :func:`jrlhf.algorithms.base.preference_globals` (the global pair and chosen-token
+    counts the loss divides by), nothing frozen.
+
+    Args:
+      model: a model with the head :func:`head` names: ``"score"``, or ``"lm+value"`` when
+        ``config.lm_loss_coefficient > 0``.
+      config: a :class:`Config` (checked when built).
+    """
+    loss_fn, prepare = with_input_checks("reward", make_loss_fn(model, config), preference_globals,
+                                         PREFERENCE_FIELDS)
+    return Algorithm(name="reward", loss_fn=loss_fn, prepare_batch=prepare, batch_fields=PREFERENCE_FIELDS,
+                     optional_batch_fields=OPTIONAL_BATCH_FIELDS)
+
+
 def setup(run) -> AlgorithmSetup:
     """Builds the reward-model parts for the loop; evaluation is held-out preference accuracy."""
     from jrlhf.evaluation import preference_scores
@@ -117,10 +139,6 @@ def setup(run) -> AlgorithmSetup:
         return {"accuracy": float((chosen > rejected).mean()), "margin": float((chosen - rejected).mean()),
                 "num_examples": int(len(chosen))}
 
-    return AlgorithmSetup(
-        loss_fn=make_loss_fn(run.model, cfg.algo),
-        train_data=tokenize_train(run, DATA_KIND, fields=RECORD_FIELDS),
-        prepare_batch=preference_globals,
-        evaluate=evaluate if eval_records else None,
-        export_head="score",
-    )
+    return AlgorithmSetup.from_algorithm(make(run.model, cfg.algo), run.params,
+                                         tokenize_train(run, DATA_KIND, fields=RECORD_FIELDS),
+                                         evaluate=evaluate if eval_records else None, export_head="score")

@@ -1,15 +1,28 @@
-"""Supervised fine-tuning: next-token NLL on the completion tokens, with optional sequence packing."""
+"""Supervised fine-tuning: next-token NLL on the completion tokens, with optional sequence packing.
+
+:func:`make` gives the update as plain functions (:class:`jrlhf.algorithms.base.Algorithm`): nothing frozen, the
+batch fields :data:`BATCH_FIELDS` (and :data:`OPTIONAL_BATCH_FIELDS` for packed rows).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from jrlhf import losses
-from jrlhf.algorithms.base import (AlgorithmSetup, check_chunk_setting, completion_logps, generation_eval,
-                                   load_eval_records, tokenize_train)
+from jrlhf.algorithms.base import (Algorithm, AlgorithmSetup, check_chunk_setting, completion_logps, generation_eval,
+                                   load_eval_records, tokenize_train, with_input_checks)
 from jrlhf.step import microbatch_share
 
 DATA_KIND = "sft"
+BATCH_FIELDS = {
+    "input_ids": "[B, T] int32: token ids (prompt + completion, right-padded)",
+    "attention_mask": "[B, T] int32: 1 on real tokens",
+    "loss_mask": "[B, T] int32: 1 on the completion tokens the NLL covers (the step counts them for the mean)",
+}
+OPTIONAL_BATCH_FIELDS = {
+    "segment_ids": "[B, T] int32: packed rows: the sequence each token belongs to (attention stays inside it)",
+    "positions": "[B, T] int32: packed rows: each token's position within its own sequence",
+}
 
 
 @dataclasses.dataclass
@@ -47,14 +60,29 @@ def make_loss_fn(model, algo: Config):
     return loss_fn
 
 
+def make(model, config: Config) -> Algorithm:
+    """SFT as plain functions: ``loss_fn`` (:func:`make_loss_fn`, checking :data:`BATCH_FIELDS`), no
+    ``prepare_batch`` (the step's default ``num_tokens`` count of ``loss_mask[:, 1:]`` is the normaliser), nothing
+    frozen.
+
+    Args:
+      model: an LM-head model (:func:`jrlhf.models.load_model` with head ``"lm"``).
+      config: a :class:`Config`.
+
+    Raises:
+      ConfigError: ``config.logprob_chunk_size`` is not ``"auto"``, ``None`` or a positive int.
+    """
+    check_chunk_setting(config.logprob_chunk_size)
+    loss_fn, _ = with_input_checks("sft", make_loss_fn(model, config), None, BATCH_FIELDS)
+    return Algorithm(name="sft", loss_fn=loss_fn, batch_fields=BATCH_FIELDS,
+                     optional_batch_fields=OPTIONAL_BATCH_FIELDS)
+
+
 def setup(run) -> AlgorithmSetup:
-    """Builds the SFT parts for the loop."""
+    """Builds the SFT parts for the loop: :func:`make` plus the tokenised data and the generation evaluation."""
     cfg = run.cfg
-    check_chunk_setting(cfg.algo.logprob_chunk_size)
+    algorithm = make(run.model, cfg.algo)
     train_data = tokenize_train(run, DATA_KIND)
     eval_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
-    return AlgorithmSetup(
-        loss_fn=make_loss_fn(run.model, cfg.algo),
-        train_data=train_data,
-        evaluate=generation_eval(run, eval_records) if eval_records else None,
-    )
+    return AlgorithmSetup.from_algorithm(algorithm, run.params, train_data,
+                                         evaluate=generation_eval(run, eval_records) if eval_records else None)
