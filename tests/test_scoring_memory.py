@@ -84,11 +84,11 @@ def passes():
         sft_loss = sft.make_loss_fn(lm_model, sft.Config(logprob_chunk_size=chunk))
         rm_loss = reward.make_loss_fn(rm_model, reward.Config(lm_loss_coefficient=1.0, logprob_chunk_size=chunk))
         pctx = ctx_for(pref, base.preference_globals)
-        frozen = {"ref_params": jax.tree.map(lambda x: x * 0.9, lm_params)}
+        frozen = dpo.Frozen(ref_params=jax.tree.map(lambda x: x * 0.9, lm_params))
         return {
             "dpo loss (policy + reference)": (lambda p: dpo_loss(p, pref, frozen, pctx)[0], lm_params),
             "dpo held-out rewards": (lambda p: jnp.sum(jnp.stack(dpo._implicit_rewards(
-                lm_model, p, frozen["ref_params"], pref, dpo_cfg))), lm_params),
+                lm_model, p, frozen.ref_params, pref, dpo_cfg))), lm_params),
             "dpo reference log-probs": (lambda p: jnp.sum(jnp.stack(dpo.reference_logps(
                 lm_model, p, pref, dpo_cfg))), lm_params),
             "sft loss": (lambda p: sft_loss(p, plain, None, ctx_for(plain))[0], lm_params),
