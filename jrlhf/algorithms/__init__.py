@@ -1,4 +1,5 @@
-"""Algorithms: one short module each, with a ``Config`` dataclass and a ``setup`` that returns its parts.
+"""Algorithms: one short module each, with a ``Config`` dataclass, ``make(model, config)`` returning the update as
+plain functions (:class:`jrlhf.algorithms.base.Algorithm`) and a ``setup(run)`` that adds the run's data for the loop.
 
 Offline: ``sft``, ``reward``, ``dpo`` (SimPO, ORPO and every DPO loss type through ``algo.loss_type``).
 On-policy: ``grpo``, ``ppo``, ``rloo``, ``reinforce_pp``.
