@@ -52,8 +52,10 @@ class Frozen:
     checkpoints treat it as they treat a dict).
 
     Attributes:
-      ref_params: the reference model's params: the same model as the policy, by default a copy of the initial
-        policy (:meth:`jrlhf.algorithms.base.Algorithm.init_frozen`); TR-DPO's ``after_step`` replaces it.
+      ref_params: the reference model's params: the same model as the policy, by default the initial policy
+        (``Algorithm.init_frozen(params)`` holds ``params`` itself, no copy: :func:`jrlhf.step.init_train_state`
+        copies the trained ones). TR-DPO's ``after_step`` replaces it and donates the old buffers, so with
+        ``sync_ref_model`` pass ``init_frozen`` a copy of device params you still use.
     """
 
     ref_params: Any
