@@ -1,6 +1,7 @@
 """Held-out evaluation: greedy generation scored by a reward function, and preference accuracy.
 
-Batches have one fixed shape (the last batch is filled up and its filler rows ignored), so evaluation compiles once.
+Batches have fixed shapes (the last batch is filled up and its filler rows ignored): generation compiles once;
+preference scoring groups pairs by length and compiles at most three shapes.
 """
 
 from __future__ import annotations
@@ -137,31 +138,52 @@ def scoring_batch_size(batch_size: int, rows_per_example: int, length: int, max_
     return int(max(1, min(batch_size, max_tokens // max(1, rows_per_example * length))))
 
 
+def scoring_lengths(length: int) -> tuple[int, ...]:
+    """The padded lengths of a scoring pass over pairs of at most ``length`` tokens: ``length`` and its half and
+    quarter (rounded up to a multiple of 8), so a pass compiles at most three shapes and a short pair is padded to
+    at most twice its bucket's lower end rather than to the longest pair of the set."""
+    return tuple(sorted({max(8, -(-length // d // 8) * 8) for d in (4, 2)} | {length}))
+
+
 def preference_scores(score_fn, tokenizer, records, *, batch_size: int = 64, max_length: int | None = None,
                       limits: dict | None = None, max_tokens: int | None = None):
     """Runs ``score_fn(batch) -> (chosen [B], rejected [B])`` (jitted by the caller) over preference records.
 
+    Pairs are grouped by length (:func:`scoring_lengths` of the longest pair: at most three padded lengths, so
+    at most three compilations); each group runs in fixed-shape batches (the last one filled up, its filler rows
+    ignored). Scores come back in the records' order.
+
     Args:
-      score_fn: scores one padded preference batch (one fixed shape for the whole pass: it compiles once).
+      score_fn: scores one padded preference batch ``[B, T]`` (right-padded, as :func:`collate_preference`).
       tokenizer: the run's tokenizer.
       records: ``{prompt, chosen, rejected}`` records.
-      batch_size: pairs per batch, lowered by ``max_tokens`` (see :func:`scoring_batch_size`).
+      batch_size: pairs per batch, lowered by ``max_tokens`` (see :func:`scoring_batch_size`) for each group.
       max_length: used when ``limits`` is not given.
       limits: :class:`jrlhf.data.LengthLimits` fields; pass the training run's
         (:func:`jrlhf.algorithms.base.length_limits`) so that held-out pairs are cut as training pairs are.
       max_tokens: at most this many padded tokens (chosen and rejected rows) per batch.
 
     Returns:
-      ``(chosen_scores [N], rejected_scores [N])`` numpy float32 arrays, one per kept pair (the tokenisation report
-      counts the dropped ones).
+      ``(chosen_scores [N], rejected_scores [N])`` numpy float32 arrays, one per kept pair in the records' order
+      (the tokenisation report counts the dropped ones).
     """
     data = tokenize_preference(records, tokenizer, **(limits or {"max_length": max_length}))
-    length = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in data.examples)
-    collate = functools.partial(collate_preference, pad_id=tokenizer.pad_token_id, length=length)
-    chosen, rejected = [], []
-    for batch in _batches(data.examples, scoring_batch_size(batch_size, 2, length, max_tokens), collate):
-        real = np.asarray(batch.pop("example_mask")) > 0
-        c, r = score_fn({k: jnp.asarray(v) for k, v in batch.items()})
-        chosen.append(np.asarray(c)[real])
-        rejected.append(np.asarray(r)[real])
-    return np.concatenate(chosen), np.concatenate(rejected)
+    pair_lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in data.examples]
+    lengths = scoring_lengths(max(pair_lengths))
+    groups = {}
+    for i, n in enumerate(pair_lengths):
+        groups.setdefault(next(t for t in lengths if n <= t), []).append(i)
+    chosen = np.zeros(len(pair_lengths), np.float32)
+    rejected = np.zeros(len(pair_lengths), np.float32)
+    for length, index in sorted(groups.items()):
+        collate = functools.partial(collate_preference, pad_id=tokenizer.pad_token_id, length=length)
+        examples = [data.examples[i] for i in index]
+        c_group, r_group = [], []
+        for batch in _batches(examples, scoring_batch_size(batch_size, 2, length, max_tokens), collate):
+            real = np.asarray(batch.pop("example_mask")) > 0
+            c, r = score_fn({k: jnp.asarray(v) for k, v in batch.items()})
+            c_group.append(np.asarray(c)[real])
+            r_group.append(np.asarray(r)[real])
+        chosen[index] = np.concatenate(c_group)
+        rejected[index] = np.concatenate(r_group)
+    return chosen, rejected

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+import jrlhf
 import jrlhf.models as M
 from jrlhf import cli, data
 from jrlhf.algorithms import base, dpo, reward, sft
@@ -174,3 +175,49 @@ def test_a_checkpoint_with_the_reference_in_a_dict_restores_into_dpo_frozen(tmp_
     restored, meta = Checkpointer(str(tmp_path / "checkpoints"), keep=1).restore(like)
     assert isinstance(restored["frozen"], dpo.Frozen) and meta["step"] == 1
     np.testing.assert_array_equal(restored["frozen"].ref_params["params"]["w"], np.arange(6.0).reshape(2, 3))
+
+
+def _completion_logp_numpy(model, params, ids, loss_mask) -> float:
+    """Summed log-probs of one unpadded sequence's completion tokens, log-softmax written out in numpy."""
+    logits = np.asarray(model.apply(params, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))[0], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = np.asarray(ids[1:])
+    return float(np.sum(logp[np.arange(len(ids) - 1), targets] * np.asarray(loss_mask[1:])))
+
+
+@pytest.mark.slow
+def test_dpo_held_out_rewards_equal_numpy_after_training(tmp_path):
+    """The held-out accuracy and margin of ``jrlhf train dpo`` (pairs scored in length groups, the reference's
+    scores computed at the first evaluation and reused at the last) equal β·(log π − log π_ref) of every pair
+    computed one sequence at a time, with the trained policy and the initial model as the reference."""
+    init_from = _saved_model(tmp_path / "init")
+    records = data.load_records("builtin:addition/preference_eval.jsonl")[:13]
+    records[0] = {**records[0], "chosen": records[0]["chosen"] + " and some more words here"}  # a longer group
+    eval_path = tmp_path / "eval.jsonl"
+    data.write_jsonl(str(eval_path), records)
+    cfg = _run_config(tmp_path, init_from, steps=2)
+    cfg["algo"] = {"beta": 0.1, "loss_type": "sigmoid"}
+    cfg["data"].update(eval=str(eval_path), eval_batch_size=4, max_length=48)
+    cfg["train"].update(eval_every=1, save_every=0)
+    summary = jrlhf.train(cfg)
+    logged = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["split"] == "eval"]
+    assert [r["step"] for r in logged] == [1, 2]
+
+    tokenizer = data.load_tokenizer(init_from)
+    model, ref_params = M.from_pretrained(init_from)
+    _, policy_params = M.from_pretrained(summary["hf_dir"])
+    examples = data.tokenize(records, tokenizer, "preference", **base.length_limits(build_config(cfg).data)).examples
+    lengths = {max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples}
+    assert len({next(t for t in (8, 16, 24, 48) if n <= t) for n in lengths}) >= 2  # several length groups
+    rewards = []
+    for e in examples:
+        rewards.append([0.1 * (_completion_logp_numpy(model, policy_params, e[f"{s}_input_ids"], e[f"{s}_loss_mask"])
+                               - _completion_logp_numpy(model, ref_params, e[f"{s}_input_ids"], e[f"{s}_loss_mask"]))
+                        for s in ("chosen", "rejected")])
+    rewards = np.asarray(rewards)
+    final = logged[-1]
+    assert final["num_examples"] == len(records)
+    np.testing.assert_allclose(final["rewards/margins"], np.mean(rewards[:, 0] - rewards[:, 1]), rtol=1e-4, atol=1e-6)
+    assert final["rewards/accuracies"] == pytest.approx(np.mean(rewards[:, 0] > rewards[:, 1]))
+    assert abs(final["rewards/margins"]) > 1e-3  # the policy moved: the reference's cached scores matter

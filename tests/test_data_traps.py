@@ -237,11 +237,14 @@ def test_held_out_pairs_are_cut_under_the_training_limits():
     prompt_text = tok.apply_chat_template(records[0]["prompt"], tokenize=False, add_generation_prompt=True)
     expected = tok(prompt_text, add_special_tokens=False)["input_ids"][-96:]
     np.testing.assert_array_equal(train.examples[0]["chosen_input_ids"][:96], expected)
-    # a scoring batch holds at most max_tokens padded tokens: 2 rows x 128 tokens x 1 pair
+    # a scoring batch holds at most max_tokens padded tokens (2 rows per pair); pairs are grouped by length into
+    # at most three padded lengths, and the scores still come back in the records' order
     calls = []
-    preference_scores(lambda b: (calls.append(len(b["chosen_input_ids"])),) and lengths(b), tok, records,
-                      batch_size=4, limits=limits, max_tokens=300)
-    assert set(calls) == {1} and len(calls) == len(records)
+    chosen_capped, _ = preference_scores(lambda b: (calls.append(b["chosen_input_ids"].shape),) and lengths(b), tok,
+                                         records, batch_size=4, limits=limits, max_tokens=300)
+    assert all(2 * rows * length <= 300 for rows, length in calls), calls
+    assert len({length for _, length in calls}) <= 3 and max(length for _, length in calls) == 128
+    np.testing.assert_array_equal(chosen_capped, chosen)
 
 
 def test_dpo_run_evaluates_every_held_out_pair_that_training_keeps(tmp_path):

@@ -87,8 +87,8 @@ def passes():
         frozen = dpo.Frozen(ref_params=jax.tree.map(lambda x: x * 0.9, lm_params))
         return {
             "dpo loss (policy + reference)": (lambda p: dpo_loss(p, pref, frozen, pctx)[0], lm_params),
-            "dpo held-out rewards": (lambda p: jnp.sum(jnp.stack(dpo._implicit_rewards(
-                lm_model, p, frozen.ref_params, pref, dpo_cfg))), lm_params),
+            "dpo held-out policy log-probs": (lambda p: jnp.sum(jnp.stack(dpo._split_pairs(
+                dpo._policy_logps(lm_model, p, pref, dpo_cfg)[0]))), lm_params),
             "dpo reference log-probs": (lambda p: jnp.sum(jnp.stack(dpo.reference_logps(
                 lm_model, p, pref, dpo_cfg))), lm_params),
             "sft loss": (lambda p: sft_loss(p, plain, None, ctx_for(plain))[0], lm_params),

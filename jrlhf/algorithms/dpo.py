@@ -146,9 +146,7 @@ def _policy_logps(model, params, batch, algo: Config):
 def reference_logps(model, ref_params, batch, algo: Config):
     """Reference log-probs of a preference batch: ``(chosen [B], rejected [B])`` float32, gradient stopped."""
     summed, _, _ = _policy_logps(model, ref_params, batch, algo)
-    summed = jax.lax.stop_gradient(summed)
-    half = summed.shape[0] // 2
-    return summed[:half], summed[half:]
+    return _split_pairs(jax.lax.stop_gradient(summed))
 
 
 def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0, counts=None):
@@ -351,15 +349,25 @@ def setup(run) -> AlgorithmSetup:
     gen_eval = generation_eval(run, gen_records) if gen_records else None
     # with a placed reference (frozen), evaluation reads frozen's; with precomputed ones, the initial params
     eval_ref = ref_params if algorithm.frozen_type is None else None
-    score = jax.jit(lambda p, ref, b: _implicit_rewards(model, p, ref, b, algo))
+    score_policy = jax.jit(lambda p, b: _split_pairs(_policy_logps(model, p, b, algo)[0]))
+    score_reference = jax.jit(lambda ref, b: reference_logps(model, ref, b, algo))
+    reference_cache = {}  # the held-out pairs' reference log-probs, scored once unless TR-DPO moves the reference
+
+    def scores(fn):
+        return preference_scores(fn, run.tokenizer, pref_records, batch_size=cfg.data.eval_batch_size,
+                                 limits=length_limits(cfg.data), max_tokens=cfg.data.eval_max_tokens)
 
     def evaluate(params, frozen_now):
         out = {}
         if pref_records:
             ref = frozen_now.ref_params if isinstance(frozen_now, Frozen) else eval_ref
-            c, r = preference_scores(lambda b: score(params, ref, b), run.tokenizer, pref_records,
-                                     batch_size=cfg.data.eval_batch_size, limits=length_limits(cfg.data),
-                                     max_tokens=cfg.data.eval_max_tokens)
+            c, r = scores(lambda b: score_policy(params, b))
+            if ref is not None:
+                if algo.sync_ref_model or "scores" not in reference_cache:
+                    reference_cache["scores"] = scores(lambda b: score_reference(ref, b))
+                ref_c, ref_r = reference_cache["scores"]
+                c, r = c - ref_c, r - ref_r
+            c, r = algo.beta * c, algo.beta * r  # implicit rewards β·(log π - log π_ref)
             out["rewards/accuracies"] = float((c > r).mean())
             out["rewards/margins"] = float((c - r).mean())
             out["num_examples"] = int(len(c))
@@ -371,15 +379,10 @@ def setup(run) -> AlgorithmSetup:
                                          evaluate=evaluate if (pref_records or gen_eval) else None)
 
 
-def _implicit_rewards(model, params, ref_params, batch, algo: Config):
-    """Held-out implicit rewards ``(β·(π_c - ref_c), β·(π_r - ref_r))`` (policy log-probs alone when reference-free)."""
-    summed, _, _ = _policy_logps(model, params, batch, algo)
+def _split_pairs(summed):
+    """``[2B]`` -> the chosen rows ``[B]`` and the rejected rows ``[B]`` (chosen first, as :func:`concat_pairs`)."""
     half = summed.shape[0] // 2
-    chosen, rejected = summed[:half], summed[half:]
-    if ref_params is not None:
-        ref_c, ref_r = reference_logps(model, ref_params, batch, algo)
-        chosen, rejected = chosen - ref_c, rejected - ref_r
-    return algo.beta * chosen, algo.beta * rejected
+    return summed[:half], summed[half:]
 
 
 def make_reference_sync(algo: Config):
