@@ -16,7 +16,7 @@ except ImportError:  # the `test` extra; the tests marked `torch` skip without i
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jrlhf.models import (ModelConfig, from_pretrained, save_pretrained, sequence_scores,  # noqa: E402
+from jrlhf.models import (FAMILIES, ModelConfig, from_pretrained, save_pretrained, sequence_scores,  # noqa: E402
                           tiny_config)
 
 VOCAB = 96
@@ -146,7 +146,7 @@ def test_causal_lm_parity_and_export(case, tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sequence_classification_score_parity(family, tmp_path):
     config = torch_config(family, num_labels=1)
     torch_model = make_torch_model(config, transformers.AutoModelForSequenceClassification, seed=1)
