@@ -290,6 +290,15 @@ def test_transformers_default_configs_are_read():
     config = ModelConfig.from_hf_dict(legacy)
     assert config.rope_theta == 5e5 and config.rope_type == "llama3"
     assert tiny_config("mistral").sliding_window is None
+    qwen3 = ModelConfig.from_hf_dict(transformers.Qwen3Config().to_dict())
+    assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 128 and qwen3.sliding_window is None
+    gemma = ModelConfig.from_hf_dict(transformers.Gemma3TextConfig().to_dict())
+    assert gemma.window_layers == tuple((i + 1) % 6 != 0 for i in range(26)) and gemma.sliding_window == 4096
+    assert (gemma.rope_theta, gemma.rope_local_theta, gemma.query_pre_attn_scalar) == (1e6, 1e4, 256.0)
+    assert gemma.activation == "gelu_pytorch_tanh" and gemma.tie_word_embeddings and gemma.norm_offset == 1.0
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        with pytest.raises(ValueError, match=key):
+            ModelConfig.from_hf_dict(dict(transformers.Gemma3TextConfig().to_dict(), **{key: 30.0}))
 
 
 @pytest.mark.torch
