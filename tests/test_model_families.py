@@ -11,7 +11,8 @@ is missing from them):
   (``tests/test_models.py``, ``FAMILIES``).
 
 Here: a DPO step sharded over 8 simulated devices (mesh data 2 x fsdp 2 x tensor 2, from the logical axes) gives
-DPO's loss written out in numpy and a gradient for every parameter, for every family; and SFT, DPO and GRPO runs of ``jrlhf.train`` (GRPO samples with
+DPO's loss written out in numpy and a gradient for every parameter, for every family; and SFT, DPO and GRPO runs
+of ``jrlhf.train`` (GRPO samples with
 the KV cache) on tiny random Qwen3 and Gemma 3 configs, whose exported model ``transformers`` reloads with the same
 logits. The 8 devices are set up by ``tests/conftest.py`` (``XLA_FLAGS`` before jax is imported).
 """

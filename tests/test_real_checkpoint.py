@@ -296,7 +296,8 @@ def test_gemma3_greedy_matches_transformers_and_both_eos_ids_stop(gemma_dir, gem
     assert matched >= NEW_TOKENS
     print(f"rows ended by an EOS id in transformers.generate: {ended or 'none'}")
 
-    # This base model rarely ends a turn by itself (the rows above may all run to the limit), so the stop rule with several ids
+    # This base model rarely ends a turn by itself (the rows above may all run to the limit), so the stop rule with
+    # several ids
     # is checked on transformers' own greedy rows: with Gemma's ids plus one token each row emits (row b's token
     # at step 3 + 2b), every row must end right after the first of them, as transformers.generate would stop.
     ids, mask = gemma_prompts

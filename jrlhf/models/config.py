@@ -522,7 +522,8 @@ def _llama_like_to_hf(config: ModelConfig) -> dict:
         raise ValueError("Mistral has no projection biases")
     if family == "qwen3" and config.mlp_bias:
         raise ValueError("Qwen3 has no MLP biases")
-    if family not in ("qwen2", "qwen3") and config.sliding_window_layers is not None and not all(config.sliding_window_layers):
+    if (family not in ("qwen2", "qwen3") and config.sliding_window_layers is not None
+            and not all(config.sliding_window_layers)):
         raise ValueError(f"per-layer sliding windows cannot be exported as a {family} config")
     if family == "llama" and config.sliding_window is not None:
         raise ValueError("Llama has no sliding_window; use the mistral or qwen2 family")

@@ -1,4 +1,5 @@
-"""One Flax linen decoder for every supported family (switches: see ``jrlhf.models.config``), with LM / value / score heads and an explicit KV cache.
+"""One Flax linen decoder for every supported family (switches: see ``jrlhf.models.config``), with LM / value /
+score heads and an explicit KV cache.
 
 Parameter layout (``params["params"]``), layers stacked on a leading ``L`` axis by ``nn.scan``::
 
