@@ -1,4 +1,5 @@
-"""What an algorithm hands to the training loop, and the forward-pass helpers the algorithms share."""
+"""The algorithm contract (:class:`Algorithm`), what an algorithm hands to the training loop, and the forward-pass
+helpers the algorithms share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,105 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf import losses
+from jrlhf.errors import JrlhfError
 from jrlhf.models import model_token_logprobs, sequence_scores
+
+
+class AlgorithmInputError(JrlhfError, ValueError):
+    """A batch or ``frozen`` passed to an algorithm's loss lacks a field it reads, or ``frozen`` is of the wrong
+    type; the message names the field, the algorithm and what to pass."""
+
+
+def _no_frozen(params):
+    return None
+
+
+def _no_algo_state():
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One algorithm's update as plain functions, built by ``<module>.make(model, config, ...)`` (e.g.
+    :func:`jrlhf.algorithms.dpo.make`) without a run config; ``setup(run)`` of each module is one user of it.
+
+    Compose a step with :meth:`train_step` (or pass the fields to :func:`jrlhf.step.make_train_step` yourself)::
+
+        algo = dpo.make(model, dpo.Config(beta=0.1))
+        frozen = algo.init_frozen(params)          # dpo.Frozen(ref_params=params)
+        step = algo.train_step(optimizer, mesh, state_shardings=shardings)
+        state, metrics = step(state, batch, frozen)
+
+    Attributes:
+      name: the algorithm's name (``"dpo"``), used in error messages.
+      loss_fn: ``loss_fn(params, batch, frozen, ctx: StepContext) -> (scalar loss, metrics dict)`` on one
+        micro-batch (:mod:`jrlhf.step`'s contract: normalised by the batch-global counts in ``ctx.globals``). It
+        checks, at trace time, that ``batch`` holds every field of ``batch_fields`` and that ``frozen`` is a
+        ``frozen_type`` (raising :class:`AlgorithmInputError`).
+      prepare_batch: ``prepare_batch(batch, frozen, algo_state) -> (batch, globals)`` run once on the whole batch
+        (the counts the loss divides by), or ``None`` (:func:`jrlhf.step.default_globals` alone).
+      batch_fields: ``{name: "shape dtype: meaning"}`` of the batch fields ``loss_fn`` reads (``B`` rows, ``T``
+        tokens). ``optional_batch_fields``: those it reads when present.
+      frozen_type: the class of ``frozen`` (a ``flax.struct`` dataclass: a pytree with named fields that jit,
+        donation, sharding and orbax checkpoints take as they take a dict), or ``None`` when nothing is frozen.
+      init_frozen: ``init_frozen(params) -> frozen`` (e.g. the reference as a copy of the initial policy);
+        returns ``None`` when the algorithm reads nothing frozen.
+      frozen_specs: logical ``PartitionSpec`` pytree of ``frozen`` (same structure), or ``None``.
+      init_algo_state: ``() -> algo_state`` pytree (``{}`` for none); pass it to
+        :func:`jrlhf.step.init_train_state`.
+      update_algo_state: ``update_algo_state(algo_state, metrics) -> algo_state`` run in-graph after each step, or
+        ``None``.
+    """
+
+    name: str
+    loss_fn: Callable
+    batch_fields: dict
+    prepare_batch: Callable | None = None
+    optional_batch_fields: dict = dataclasses.field(default_factory=dict)
+    frozen_type: type | None = None
+    init_frozen: Callable = _no_frozen
+    frozen_specs: Any = None
+    init_algo_state: Callable = _no_algo_state
+    update_algo_state: Callable | None = None
+
+    def check_batch(self, batch) -> None:
+        """Raises :class:`AlgorithmInputError` naming the first field of ``batch_fields`` that ``batch`` lacks."""
+        check_fields(self.name, batch, self.batch_fields)
+
+    def check_frozen(self, frozen) -> None:
+        """Raises :class:`AlgorithmInputError` unless ``frozen`` is a ``frozen_type`` (``None`` when that is)."""
+        check_frozen(self.name, frozen, self.frozen_type)
+
+    def train_step(self, optimizer, mesh, *, state_shardings, **kwargs):
+        """:func:`jrlhf.step.make_train_step` of this algorithm's ``loss_fn``, ``prepare_batch`` and
+        ``update_algo_state``; ``kwargs`` go to it unchanged (``num_microbatches``, ``frozen_shardings``...)."""
+        from jrlhf.step import make_train_step
+
+        return make_train_step(self.loss_fn, optimizer, mesh, state_shardings=state_shardings,
+                               prepare_batch=self.prepare_batch, update_algo_state=self.update_algo_state, **kwargs)
+
+
+def check_fields(name: str, batch, fields) -> None:
+    """Raises :class:`AlgorithmInputError` naming the first of ``fields`` missing from the mapping ``batch``."""
+    if not hasattr(batch, "keys"):
+        raise AlgorithmInputError(f"{name}: the batch must be a dict of arrays with fields "
+                                  f"{', '.join(fields)}; got {type(batch).__name__}")
+    for field in fields:
+        if field not in batch:
+            raise AlgorithmInputError(f"{name}: the batch has no field '{field}' ({fields[field]}); it has "
+                                      f"{', '.join(sorted(batch)) or 'none'}")
+
+
+def check_frozen(name: str, frozen, frozen_type) -> None:
+    """Raises :class:`AlgorithmInputError` unless ``frozen`` is an instance of ``frozen_type`` (or ``None`` when
+    ``frozen_type`` is ``None``), naming the type to pass."""
+    if frozen_type is None:
+        return
+    if not isinstance(frozen, frozen_type):
+        fields = ", ".join(f.name for f in dataclasses.fields(frozen_type))
+        where = frozen_type.__module__.replace("jrlhf.algorithms.", "")
+        raise AlgorithmInputError(f"{name}: frozen must be {where}.{frozen_type.__name__}({fields}=...) "
+                                  f"(see Algorithm.init_frozen); got {type(frozen).__name__}")
 
 
 @dataclasses.dataclass
