@@ -906,9 +906,9 @@ class OnPolicyAlgorithm(Algorithm):
     :class:`RolloutBatch` fields it reads, ``frozen_type`` = :class:`Frozen`, ``init_frozen``...) plus the rollout
     settings and the shape of the update. One iteration composed by hand::
 
-        algo = grpo.make(model, grpo.Config(num_generations=4, reward_funcs=(my_reward,)))
-        frozen = algo.init_frozen(params)                         # Frozen(ref_params=params) when beta > 0
+        algo = grpo.make(model, grpo.Config(num_generations=4, beta=0.04, reward_funcs=(my_reward,)))
         state, shardings = init_train_state(params, optimizer, rng, mesh=mesh, param_specs=logical_axes(model))
+        frozen = algo.init_frozen(state.params)                   # Frozen(ref_params=<copy>) when beta > 0
         update = algo.update(optimizer, mesh, state_shardings=shardings)
         out = algo.rollout(state.params, records, rollout_rng, tokenizer=tokenizer, frozen=frozen)
         state, metrics = update(state, out.batch, frozen)
@@ -970,8 +970,12 @@ def make_algorithm(name: str, model, config, *, loss_fn, prepare_batch, uses_ref
     policy_params = extra.get("policy_params") or (lambda params: params)
 
     def init_frozen(params):
-        """``Frozen(ref_params=<the policy part of params>)`` when the loss uses a reference, else ``None``."""
-        return Frozen(ref_params=policy_params(params)) if uses_reference else None
+        """``Frozen(ref_params=<a copy of the policy part of params>)`` when the loss uses a reference, else
+        ``None``. Pass the placed train state's params (``state.params``): the copy keeps their sharding and never
+        aliases the donated state."""
+        if not uses_reference:
+            return None
+        return Frozen(ref_params=jax.tree.map(lambda x: jnp.array(x, copy=True), policy_params(params)))
 
     return OnPolicyAlgorithm(
         name=name, loss_fn=loss_fn, batch_fields=reads, optional_batch_fields=optional, prepare_batch=prepare_batch,
