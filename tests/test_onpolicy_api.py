@@ -31,8 +31,15 @@ from jrlhf.step import OptimizerConfig, init_train_state, make_onpolicy_update, 
 
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
               "head_dim": 16, "max_position_embeddings": 32}
-ALGO = {"num_generations": 2, "max_completion_length": 6, "beta": 0.04, "num_iterations": 2,
-        "reward_funcs": ["addition_exact_match"], "temperature": 1.0}
+ALGO = {"num_generations": 2, "max_completion_length": 6, "beta": 0.04, "num_iterations": 2, "temperature": 1.0}
+
+
+def digit_share(prompts, completions, completion_ids, **record_fields):
+    """A reward with signal on a random model: the share of digits in the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+ALGO["reward_funcs"] = (digit_share,)
 BATCH, STEPS, SEED, PROMPT_LEN = 4, 2, 5, 12
 
 
@@ -70,7 +77,7 @@ def test_hand_composed_grpo_equals_jrlhf_train(tmp_path, prompts_file):
               "optim": {"learning_rate": 1e-3},
               "train": {"output_dir": str(run_dir), "steps": STEPS, "seed": SEED, "log_every": 1,
                         "progress_bar": False, "tensorboard": False, "save_every": 0},
-              "algo": dict(ALGO)}
+              "algo": {**ALGO, "reward_funcs": [f"{__name__}:digit_share"]}}  # YAML: a module:function path
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli.main(["train", "grpo", "--config", str(path)]) == 0
@@ -86,8 +93,11 @@ def test_hand_composed_grpo_equals_jrlhf_train(tmp_path, prompts_file):
                            frozen=frozen)
         state, metrics = update(state, out.batch, frozen)
         for key, value in (("loss", metrics["loss"]), ("kl", metrics["kl"]), ("reward", out.metrics["reward"]),
+                           ("rewards/digit_share/mean", out.metrics["rewards/digit_share/mean"]),
+                           ("grad_norm", metrics["grad_norm"]),
                            ("completions/mean_length", out.metrics["completions/mean_length"])):
             assert float(value) == pytest.approx(logged[step][key], abs=1e-6), (step, key)
+    assert logged[0]["grad_norm"] > 1e-3 and logged[1]["kl"] > 0  # the numbers compared are not trivial
     exported = load_file(os.path.join(run_dir, "hf_model", "model.safetensors"))
     mine = np.asarray(state.params["params"]["embed"]["embedding"])
     np.testing.assert_allclose(mine, exported["model.embed_tokens.weight"], atol=1e-6)
