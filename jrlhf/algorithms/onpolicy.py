@@ -44,7 +44,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf import distributed, losses, sampling
-from jrlhf.algorithms.base import Algorithm, AlgorithmInputError
+from jrlhf.algorithms.base import Algorithm, AlgorithmInputError, check_fields
 from jrlhf.config import ConfigError
 from jrlhf.evaluation import run_stop_token_ids
 from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_logprobs_from_hidden,
@@ -968,6 +968,12 @@ def make_algorithm(name: str, model, config, *, loss_fn, prepare_batch, uses_ref
     if extra.get("values_fn") is not None:
         reads["old_values"] = OPTIONAL_ROLLOUT_FIELDS["old_values"]
     policy_params = extra.get("policy_params") or (lambda params: params)
+    inner_prepare = prepare_batch
+
+    def prepare_batch(batch, frozen, algo_state):
+        """The algorithm's ``prepare_batch`` after checking that the rollout batch has the fields it reads."""
+        check_fields(name, batch, reads)
+        return inner_prepare(batch, frozen, algo_state)
 
     def init_frozen(params):
         """``Frozen(ref_params=<a copy of the policy part of params>)`` when the loss uses a reference, else
