@@ -184,3 +184,30 @@ def test_wrong_inputs_name_the_field():
         algo.prepare_batch(batch, None, {})
     with pytest.raises(AlgorithmInputError, match="grpo: the batch has no field 'scores'"):
         algo.prepare_batch({k: v for k, v in batch.items() if k != "scores"}, None, {})
+
+
+def test_ppo_through_make_with_the_reference_inside_the_update():
+    tokenizer = load_tokenizer("char")
+    config = tiny_config("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **TINY_MODEL)
+    model, params = init_model(config, jax.random.PRNGKey(0), head="lm+value")
+    algo = ppo.make(model, ppo.Config(num_generations=2, max_completion_length=6, reward_funcs=(digit_share,),
+                                      reference_logps="update", ppo_epochs=1, missing_eos_penalty=1.0,
+                                      adaptive_kl=True, target_kl=1e-3), rollout_rows=2 * BATCH)
+    mesh = make_mesh()
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3), params)
+    state, shardings = init_train_state(params, optimizer, jax.random.PRNGKey(1), mesh=mesh,
+                                        param_specs=logical_axes(model), algo_state=algo.init_algo_state())
+    frozen = algo.init_frozen(state.params)
+    out = algo.rollout(state.params, load_records("builtin:addition/rl_prompts.jsonl")[:BATCH], jax.random.PRNGKey(2),
+                       tokenizer=tokenizer, frozen=frozen)
+    assert out.batch.ref_logps is None and out.batch.old_values.shape == (2 * BATCH, 6)
+    # missing_eos_penalty: the batch's scores are the logged ones minus 1 where the completion was truncated
+    np.testing.assert_allclose(np.asarray(out.batch.scores),
+                               out.scores - np.asarray(out.batch.truncated, np.float32), atol=1e-6)
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = algo.update(optimizer, mesh, state_shardings=shardings)(state, out.batch, frozen)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) == pytest.approx(0.0, abs=1e-4)
+    assert float(state.algo_state["kl_coef"]) < algo.config.kl_coef  # KL 0 < target: the controller lowered it
+    assert max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(jax.tree.leaves(before),
+                                                                        jax.tree.leaves(state.params))) > 1e-6
