@@ -144,7 +144,8 @@ def make_loss_fn(model, algo: Config):
 def make(model, config: Config | dict | None = None) -> onpolicy.OnPolicyAlgorithm:
     """REINFORCE++ as plain functions, without a run config: ``make(model, reinforce_pp.Config(...))`` gives an
     :class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm` (``loss_fn``, ``prepare_batch``, ``init_frozen`` ->
-    :class:`~jrlhf.algorithms.onpolicy.Frozen` when ``kl_coef > 0``, ``rollout``, ``update``); see :func:`jrlhf.algorithms.grpo.make`.
+    :class:`~jrlhf.algorithms.onpolicy.Frozen` when ``kl_coef > 0``, ``rollout``, ``update``); see
+    :func:`jrlhf.algorithms.grpo.make`.
 
     Raises:
       ConfigError: a wrong config type, an unknown field, or an invalid setting (the field named).

@@ -127,7 +127,8 @@ def make_loss_fn(model, algo: Config):
 def make(model, config: Config | dict | None = None) -> onpolicy.OnPolicyAlgorithm:
     """RLOO as plain functions, without a run config: ``make(model, rloo.Config(...))`` gives an
     :class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm` (``loss_fn``, ``prepare_batch``, ``init_frozen`` ->
-    :class:`~jrlhf.algorithms.onpolicy.Frozen` when ``beta > 0``, ``rollout``, ``update``); see :func:`jrlhf.algorithms.grpo.make`.
+    :class:`~jrlhf.algorithms.onpolicy.Frozen` when ``beta > 0``, ``rollout``, ``update``); see
+    :func:`jrlhf.algorithms.grpo.make`.
 
     Raises:
       ConfigError: a wrong config type, an unknown field, or an invalid setting (the field named).
