@@ -58,6 +58,8 @@ class Algorithm:
         :func:`jrlhf.step.init_train_state`.
       update_algo_state: ``update_algo_state(algo_state, metrics) -> algo_state`` run in-graph after each step, or
         ``None``.
+      after_step: ``after_step(step, state, frozen) -> frozen`` to run on the host after each step (TR-DPO's
+        reference sync: call it with the number of steps done), or ``None``.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Algorithm:
     frozen_specs: Any = None
     init_algo_state: Callable = _no_algo_state
     update_algo_state: Callable | None = None
+    after_step: Callable | None = None
 
     def check_batch(self, batch) -> None:
         """Raises :class:`AlgorithmInputError` naming the first field of ``batch_fields`` that ``batch`` lacks."""
@@ -86,6 +89,24 @@ class Algorithm:
 
         return make_train_step(self.loss_fn, optimizer, mesh, state_shardings=state_shardings,
                                prepare_batch=self.prepare_batch, update_algo_state=self.update_algo_state, **kwargs)
+
+
+def with_input_checks(name: str, loss_fn, prepare_batch, fields, frozen_type=None):
+    """``(loss_fn, prepare_batch)`` that first run :func:`check_fields` on the batch (and :func:`check_frozen` on
+    ``frozen`` when ``frozen_type`` is given), at trace time, so a wrong input is a one-line
+    :class:`AlgorithmInputError` naming the field rather than a ``KeyError`` deep in a trace."""
+
+    def checked_loss(params, batch, frozen, ctx):
+        check_fields(name, batch, fields)
+        check_frozen(name, frozen, frozen_type)
+        return loss_fn(params, batch, frozen, ctx)
+
+    def checked_prepare(batch, frozen, algo_state):
+        check_fields(name, batch, fields)
+        check_frozen(name, frozen, frozen_type)
+        return prepare_batch(batch, frozen, algo_state)
+
+    return checked_loss, (None if prepare_batch is None else checked_prepare)
 
 
 def check_fields(name: str, batch, fields) -> None:
@@ -191,6 +212,19 @@ class AlgorithmSetup:
     export_params: Callable | None = None
     export_head: str | None = None
 
+    @classmethod
+    def from_algorithm(cls, algorithm: Algorithm, params, train_data, **kwargs) -> "AlgorithmSetup":
+        """The loop's parts of ``algorithm``: its loss, ``prepare_batch``, algorithm state, ``after_step`` and
+        ``frozen`` built from the initial ``params`` (``algorithm.init_frozen(params)``); ``kwargs`` set the rest
+        (``evaluate``, ``collate``...)."""
+        frozen = algorithm.init_frozen(params)
+        parts = dict(loss_fn=algorithm.loss_fn, train_data=train_data, frozen=frozen,
+                     frozen_specs=algorithm.frozen_specs if frozen is not None else None,
+                     prepare_batch=algorithm.prepare_batch, update_algo_state=algorithm.update_algo_state,
+                     algo_state=algorithm.init_algo_state(), after_step=algorithm.after_step)
+        parts.update(kwargs)
+        return cls(**parts)
+
 
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """Largest float32 logits block ``"auto"`` lets a scoring pass build: 256 MiB (e.g. 8 x 128 tokens of a 64k
@@ -273,6 +307,15 @@ def pair_scores(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
     scores = sequence_scores(model.apply(params, ids, attn), attn)
     half = ids.shape[0] // 2
     return scores[:half], scores[half:]
+
+
+PREFERENCE_FIELDS = {
+    f"{side}_{key}": f"[B, T] int32: {what} of the {side} sequences (prompt + completion, right-padded)"
+    for side in ("chosen", "rejected")
+    for key, what in (("input_ids", "token ids"), ("attention_mask", "1 on real tokens"),
+                      ("loss_mask", "1 on the completion tokens"))
+}
+"""The batch fields of preference data (:func:`jrlhf.data.collate_preference`); chosen and rejected share ``T``."""
 
 
 def preference_globals(batch: dict, frozen, algo_state) -> tuple[dict, dict]:
