@@ -246,6 +246,9 @@ def to_dict(cfg) -> dict:
             return [convert(v) for v in x]
         if isinstance(x, dict):
             return {k: convert(v) for k, v in x.items()}
+        if callable(x):  # a reward function passed as a callable: its import path
+            target = x if hasattr(x, "__qualname__") else type(x)
+            return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', '?')}"
         return x
 
     return convert(cfg)

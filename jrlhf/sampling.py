@@ -180,7 +180,7 @@ def _token_logp(logits: Array, token: Array) -> Array:
 
 
 def _select_tokens(
-    logits: Array, key: Array, temperature: Array, top_p: Array, *, top_k: int
+    logits: Array, key: Array, temperature: Array, top_p: Array, *, top_k: int, banned: Array | None = None
 ) -> tuple[Array, Array]:
     """Picks the next token of each row and its pre-filter log-prob.
 
@@ -190,6 +190,9 @@ def _select_tokens(
       temperature: ``[]`` float32; 0 selects greedy argmax.
       top_p: ``[]`` float32 nucleus mass (>= 1 disables).
       top_k: static number of candidates (0 = all).
+      banned: optional ``[V]`` bool of tokens that cannot be picked (``min_new_tokens``' EOS ids, removed before
+        top-k/top-p as ``transformers``' ``MinNewTokensLengthLogitsProcessor`` runs before the warpers); the
+        returned log-prob stays that of the unfiltered distribution.
 
     Returns:
       ``(tokens [R] int32, logps [R] float32)``: logps under ``log_softmax(logits / temperature)`` before
@@ -198,7 +201,7 @@ def _select_tokens(
     rows, vocab = logits.shape
 
     def greedy(_):
-        token = _argmax(logits)
+        token = _argmax(logits if banned is None else jnp.where(banned[None, :], -jnp.inf, logits))
         return token, _token_logp(logits, token)
 
     def sample(_):
@@ -208,9 +211,13 @@ def _select_tokens(
         uniform = jax.random.uniform(key, (rows,), jnp.float32, minval=tiny, maxval=1.0)
         weights = jnp.exp(scaled - top)
         log_total = jnp.log(jnp.sum(weights, axis=-1))
+        candidates = scaled
+        if banned is not None:
+            weights = jnp.where(banned[None, :], 0.0, weights)
+            candidates = jnp.where(banned[None, :], -jnp.inf, scaled)
         if 0 < top_k < vocab:  # every token at least as likely as the k-th (ties kept, as filter_logits)
-            kth = lax.top_k(scaled, top_k)[0][:, -1:]
-            weights = jnp.where(scaled >= kth, weights, 0.0)
+            kth = lax.top_k(candidates, top_k)[0][:, -1:]
+            weights = jnp.where(candidates >= kth, weights, 0.0)
         weights = lax.cond(top_p < 1.0, _nucleus_unsorted, lambda w, _: w, weights, top_p)
         token = _inverse_cdf(weights, uniform)
         token = token.astype(jnp.int32)
@@ -278,6 +285,7 @@ class _Static(NamedTuple):
     max_new_tokens: int
     num_samples: int
     top_k: int
+    min_new_tokens: int
     eos_ids: tuple[int, ...]
     pad_token_id: int
     stop_sequences: tuple[tuple[int, ...], ...]
@@ -348,6 +356,15 @@ def _build(model: Any, static: _Static, mesh: jax.sharding.Mesh | None):
     stops = static.stop_sequences
     can_stop = bool(static.eos_ids) or bool(stops)
     window = max((len(s) for s in stops), default=0)
+    ban_eos = static.min_new_tokens > 0 and bool(static.eos_ids)
+
+    def banned_at(step):
+        """``[V]`` bool: the EOS ids while fewer than ``min_new_tokens`` tokens were generated (None: no ban)."""
+        if not ban_eos:
+            return None
+        vocab = model.config.vocab_size
+        is_eos = jnp.zeros((vocab,), bool).at[jnp.asarray(eos)].set(True)
+        return is_eos & (step < static.min_new_tokens)
     if stops:
         # Right-aligned stop sequences; -1 marks the "any token" slots left of shorter sequences.
         stop_table = np.full((len(stops), window), -1, np.int32)
@@ -412,7 +429,8 @@ def _build(model: Any, static: _Static, mesh: jax.sharding.Mesh | None):
             sharder.constrain(jnp.zeros((rows,), jnp.int32)),
             sharder.constrain(jnp.full((rows, window), -1, jnp.int32)),
         )
-        token, logp = _select_tokens(next_logits, jax.random.fold_in(rng, 0), temperature, top_p, top_k=static.top_k)
+        token, logp = _select_tokens(next_logits, jax.random.fold_in(rng, 0), temperature, top_p, top_k=static.top_k,
+                                     banned=banned_at(0))
         state = emit(0, token, logp, state)
 
         # 3. Decode: one model call on one token per row per step, over the cache held in the loop carry.
@@ -433,6 +451,7 @@ def _build(model: Any, static: _Static, mesh: jax.sharding.Mesh | None):
                 temperature,
                 top_p,
                 top_k=static.top_k,
+                banned=banned_at(step),
             )
             return step + 1, cache, token, emit(step, token, logp, state)
 
@@ -528,6 +547,7 @@ def generate(
     *,
     max_new_tokens: int,
     num_samples: int = 1,
+    min_new_tokens: int = 0,
     temperature: float | Array = 1.0,
     top_k: int = 0,
     top_p: float | Array = 1.0,
@@ -549,6 +569,10 @@ def generate(
       rng: a PRNG key. The same key (and arguments) gives the same output.
       max_new_tokens: static ``N`` >= 1, the completion length of the outputs.
       num_samples: static ``n`` >= 1 completions per prompt; row ``b * n + i`` is sample ``i`` of prompt ``b``.
+      min_new_tokens: static, 0 <= ``min_new_tokens`` <= ``max_new_tokens``: the ``eos_token_id`` ids cannot be
+        sampled before this many tokens were generated (``transformers``' ``min_new_tokens``: their logits are
+        ``-inf`` before top-k/top-p); ``min_new_tokens = max_new_tokens`` gives fixed-length completions.
+        ``stop_sequences`` still end a completion early. ``logps`` stay those of the unmodified distribution.
       temperature: traced float >= 0; 0 is greedy argmax.
       top_k: static int >= 0; keep the ``top_k`` most likely tokens (0 = off).
       top_p: traced float in (0, 1]; nucleus sampling over what top-k kept (1 = off).
@@ -568,6 +592,10 @@ def generate(
     """
     max_new_tokens = _as_int("max_new_tokens", max_new_tokens, 1)
     num_samples = _as_int("num_samples", num_samples, 1)
+    min_new_tokens = _as_int("min_new_tokens", min_new_tokens, 0)
+    if min_new_tokens > max_new_tokens:
+        raise SamplingError(f"min_new_tokens: {min_new_tokens} exceeds max_new_tokens={max_new_tokens}; use at most "
+                            "max_new_tokens (equal gives fixed-length completions).")
     top_k = _as_int("top_k", top_k, 0)
     pad_token_id = _as_int("pad_token_id", pad_token_id, 0)
     temperature = _check_scalar("temperature", temperature, 0.0, math.inf, low_open=False)
@@ -602,6 +630,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
         top_k=top_k,
+        min_new_tokens=min_new_tokens,
         eos_ids=eos_ids,
         pad_token_id=pad_token_id,
         stop_sequences=_stop_tuple(stop_sequences),

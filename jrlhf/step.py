@@ -772,7 +772,7 @@ def make_onpolicy_update(
     state_shardings: TrainState,
     num_epochs: int,
     num_minibatches: int,
-    shuffle: bool = True,
+    shuffle: bool | None = None,
     frozen_shardings: Any = None,
     batch_shardings: Any = None,
     num_microbatches: int = 1,
@@ -802,7 +802,9 @@ def make_onpolicy_update(
       num_epochs: passes over the rollout batch.
       num_minibatches: optimizer updates per pass; the batch size must be divisible by
         ``num_minibatches * num_microbatches * data * fsdp``.
-      shuffle: permute the rollout batch at each epoch (from the state RNG).
+      shuffle: permute the rollout batch at each epoch (from the state RNG); ``None`` (default): only when there is
+        more than one update (``num_epochs * num_minibatches > 1``): one epoch of one mini-batch sees every row once
+        whatever the order, so it skips the permutation (the RNG splits stay the same).
       update_algo_state: run once after all the mini-batches with the metrics averaged over them; skipped if any
         mini-batch update was skipped.
 
@@ -816,6 +818,8 @@ def make_onpolicy_update(
     for name, value in (("num_epochs", num_epochs), ("num_minibatches", num_minibatches)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive int.")
+    if shuffle is None:
+        shuffle = num_epochs * num_minibatches > 1
     updater = _Updater(loss_fn, optimizer, mesh, state_shardings.params, num_microbatches, compute_dtype, trainable)
     prepare = _as_prepare(prepare_batch)
 

@@ -136,8 +136,42 @@ def test_registry():
         rewards.get_reward_fn("exact")
     with pytest.raises(RewardError, match="takes no options"):
         rewards.get_reward_fn("math_answer", pattern="x")
-    with pytest.raises(RewardError, match="already registered"):
+    with pytest.raises(RewardError, match=rf"'math_answer' is taken by jrlhf\.rewards\.verifiable:math_answer; cannot "
+                                          rf"register {length_reward.__module__}:length_reward"):
         rewards.register_reward_fn("math_answer", length_reward)
+
+
+def test_registering_the_same_function_again_is_not_an_error():
+    rewards.register_reward_fn("test_rewards_length", length_reward)
+    rewards.register_reward_fn("test_rewards_length", length_reward)  # a script or notebook cell run twice
+
+    def length_reward_v2(prompts, completions, completion_ids, **kwargs):  # the cell re-run: a new object
+        return [0.0] * len(completions)
+
+    length_reward_v2.__qualname__, length_reward_v2.__module__ = length_reward.__qualname__, length_reward.__module__
+    rewards.register_reward_fn("test_rewards_length", length_reward_v2)
+    assert rewards.get_reward_fn("test_rewards_length") is length_reward_v2
+    here = length_reward.__module__
+    with pytest.raises(RewardError, match=f"taken by {here}:length_reward; cannot register {here}:only_group_a"):
+        rewards.register_reward_fn("test_rewards_length", only_group_a)
+    with pytest.raises(RewardError, match="without ':'"):
+        rewards.register_reward_fn("a:b", length_reward)
+
+
+def test_module_function_paths_and_callables_resolve():
+    assert rewards.get_reward_fn("jrlhf.rewards.verifiable:math_answer") is rewards.math_answer
+    digits = rewards.get_reward_fn("jrlhf.rewards:make_format_reward", pattern=r"\d+")  # options: a factory
+    assert digits(["p", "p"], ["123", "x"], None) == [1.0, 0.0]
+    funcs, names = rewards.resolve_reward_funcs(
+        ["addition_exact_match", "jrlhf.rewards:math_answer", only_group_a, length_reward, length_reward])
+    assert funcs == [rewards.addition_exact_match, rewards.math_answer, only_group_a, length_reward, length_reward]
+    assert names == ["addition_exact_match", "math_answer", "only_group_a", "length_reward", "length_reward_2"]
+    with pytest.raises(RewardError, match="cannot import module 'no_such_module_x'"):
+        rewards.get_reward_fn("no_such_module_x:f")
+    with pytest.raises(RewardError, match="module 'jrlhf.rewards' has no attribute 'missing'"):
+        rewards.get_reward_fn("jrlhf.rewards:missing")
+    with pytest.raises(RewardError, match="reward_funcs entry 3"):
+        rewards.resolve_reward_funcs([3])
 
 
 def test_addition_exact_match():

@@ -476,3 +476,73 @@ def test_sharded_params_give_the_same_greedy_output(hf_pair):
     sampled = generate(model, sharded, ids, mask, jax.random.key(5), **sample_kw)
     reference = generate(model, params, ids, mask, jax.random.key(5), **sample_kw)
     np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(reference.tokens))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# min_new_tokens (transformers' name): EOS ids cannot end a completion early
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_min_new_tokens_bans_eos_until_the_minimum_hand_checked():
+    # token t -> t + 1 (logit 10), second choice t + 2 (logit 5); EOS = 6
+    table = np.zeros((VOCAB, VOCAB), np.float32)
+    for t in range(VOCAB):
+        table[t, (t + 1) % VOCAB], table[t, (t + 2) % VOCAB] = 10.0, 5.0
+    params = {"table": jnp.asarray(table)}
+    ids, mask = left_pad([[5], [3], [1]])
+    kw = dict(max_new_tokens=6, temperature=0.0, eos_token_id=6, pad_token_id=0)
+    free = generate(BigramLM(), params, ids, mask, jax.random.key(0), **kw)
+    np.testing.assert_array_equal(np.asarray(free.lengths), [1, 3, 5])  # 5->6; 3->4,5,6; 1->2,3,4,5,6
+    out = generate(BigramLM(), params, ids, mask, jax.random.key(0), min_new_tokens=3, **kw)
+    # banned at token indices 0-2: 5 -> 7 (second choice) -> 0 -> 1 -> 2 ...; 3 -> 4, 5, 7 (6 banned at index 2);
+    # 1 -> 2, 3, 4, 5, 6 (EOS at index 4 >= 3 is allowed)
+    np.testing.assert_array_equal(np.asarray(out.tokens), [[7, 0, 1, 2, 3, 4], [4, 5, 7, 0, 1, 2], [2, 3, 4, 5, 6, 0]])
+    np.testing.assert_array_equal(np.asarray(out.lengths), [6, 6, 5])
+    np.testing.assert_array_equal(np.asarray(out.truncated), [True, True, False])
+    # the log-prob of a token picked under the ban is that of the unmodified distribution
+    row5 = np_log_softmax(table[5].astype(np.float64))
+    assert float(out.logps[0, 0]) == pytest.approx(row5[7], abs=1e-5)
+    # sampled at T=1 with min_new_tokens = max_new_tokens: every completion has the full length, no EOS inside
+    sampled = generate(BigramLM(), {"table": jnp.zeros((VOCAB, VOCAB))}, ids, mask, jax.random.key(1),
+                       max_new_tokens=5, min_new_tokens=5, num_samples=16, eos_token_id=[6, 2], pad_token_id=0)
+    assert (np.asarray(sampled.lengths) == 5).all()
+    assert not np.isin(np.asarray(sampled.tokens), [6, 2]).any()
+    np.testing.assert_allclose(np.asarray(sampled.logps), np.log(1.0 / VOCAB), atol=1e-6)  # unbanned distribution
+    with pytest.raises(sampling.SamplingError, match="min_new_tokens"):
+        generate(BigramLM(), params, ids, mask, jax.random.key(0), min_new_tokens=7, **kw)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("hf_pair", ["llama"], indirect=True)
+def test_min_new_tokens_matches_transformers_generate(hf_pair):
+    import torch
+    import transformers
+
+    _, hf, model, params = hf_pair
+    ids, mask = left_pad(HF_PROMPTS)
+    free = generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=8, temperature=0.0)
+    eos = int(np.asarray(free.tokens)[0, 1])  # a token greedy decoding emits early: the ban changes the output
+    kw = dict(max_new_tokens=8, temperature=0.0, eos_token_id=eos, pad_token_id=0)
+    out = generate(model, params, ids, mask, jax.random.key(0), min_new_tokens=6, **kw)
+    gen_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=8, min_new_tokens=6, eos_token_id=eos,
+                                               pad_token_id=0, bos_token_id=None, return_dict_in_generate=True,
+                                               output_scores=True)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                          attention_mask=torch.tensor(mask, dtype=torch.long), generation_config=gen_config)
+    want = ref.sequences[:, ids.shape[1]:].numpy()
+    scores = torch.stack(ref.scores, dim=1).float().numpy()  # processed scores: EOS at -inf while banned
+    got = np.asarray(out.tokens)
+    early = generate(model, params, ids, mask, jax.random.key(0), **kw)
+    assert int(early.lengths[0]) == 2 and (np.asarray(out.lengths) >= 6).all()  # the ban changed row 0
+    compared = 0
+    for b in range(len(HF_PROMPTS)):
+        for t in range(want.shape[1]):
+            if got[b, t] != want[b, t]:
+                finite = np.sort(scores[b, t][np.isfinite(scores[b, t])])[-2:]
+                assert finite[1] - finite[0] < 1e-4, f"row {b} diverges at step {t} with a clear argmax"
+                break
+            compared += 1
+            if want[b, t] == eos:
+                break
+    assert compared >= 0.9 * np.asarray(out.lengths).sum()

@@ -5,7 +5,12 @@ Per iteration: ``num_generations`` completions per prompt from one prefill, rewa
 (and/or a reward model), group-relative advantages (``scale_rewards``), then ``num_iterations`` passes over the
 rollout, each split into ``steps_per_generation`` mini-batches (one optimizer step each), all in one compiled
 program. The sampler's log-probs (under ``logits / temperature``) are the old log-probs; with ``beta > 0`` the
-reference log-probs are computed once per rollout from ``frozen["ref_params"]`` (a copy of the initial policy).
+reference log-probs are computed once per rollout from ``frozen.ref_params`` (a copy of the initial policy), by the
+rollout or inside the update (``reference_logps``).
+
+Without the config system: ``algo = grpo.make(model, grpo.Config(...))`` gives the loss, ``prepare_batch``, the
+:class:`jrlhf.algorithms.onpolicy.Frozen` it expects, the rollout and the compiled update
+(:class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm`); ``examples/grpo_loop.py`` is a whole loop.
 
 Loss normalisers (TRL 1.16), every one a count of the whole optimizer step so that gradient accumulation is exact:
 ``grpo``/``sapo`` average per-sequence token means over the mini-batch's sequences; ``bnpo`` divides by the
@@ -73,8 +78,12 @@ def head(cfg) -> str:
 
 def check_config(run) -> None:
     """Rejects settings that cannot work together, naming the keys."""
-    algo = run.cfg.algo
     onpolicy.check_rollout_config(run, min_generations=2)
+    check_algo(run.cfg.algo)
+
+
+def check_algo(algo: Config) -> None:
+    """The run-free checks of a :class:`Config` (:class:`jrlhf.config.ConfigError` naming the key)."""
     if algo.loss_type not in losses.GRPO_LOSS_TYPES:
         raise ConfigError(f"algo.loss_type '{algo.loss_type}' is not one of {', '.join(losses.GRPO_LOSS_TYPES)}")
     if algo.scale_rewards not in SCALE_REWARDS:
@@ -95,11 +104,15 @@ def advantages(scores, algo: Config):
     return losses.grpo_advantages(scores, algo.num_generations, scale=algo.scale_rewards, epsilon=1e-4)
 
 
-def make_prepare_batch(algo: Config):
-    """``prepare_batch``: the group-relative advantages and the rollout-level token counts, once per rollout."""
+def make_prepare_batch(algo: Config, model=None):
+    """``prepare_batch``: the group-relative advantages and the rollout-level token counts, once per rollout; with
+    ``beta > 0`` and no ``ref_logps`` in the batch, the reference log-probs from ``frozen.ref_params`` and
+    ``model`` (``reference_logps: update``)."""
     steps = onpolicy.num_minibatches(algo)
 
     def prepare_batch(batch, frozen, algo_state):
+        if algo.beta != 0.0:
+            batch = onpolicy.with_reference_logps(batch, frozen, model, algo, "grpo")
         batch = onpolicy.drop_unscorable(batch)
         batch["advantages"] = advantages(batch["scores"], algo)
         return batch, onpolicy.sequence_globals(batch, steps)
@@ -148,11 +161,38 @@ def make_loss_fn(model, algo: Config, num_microbatches: int = 1):
     return loss_fn
 
 
+def make(model, config: Config | dict | None = None) -> onpolicy.OnPolicyAlgorithm:
+    """GRPO as plain functions, without a run config.
+
+    Args:
+      model: the policy (``lm`` head), e.g. from :func:`jrlhf.models.from_pretrained` or ``init_model``.
+      config: a :class:`Config` (or a dict of its fields); ``reward_funcs`` may hold Python callables.
+
+    Returns:
+      An :class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm`: ``loss_fn(params, batch, frozen, ctx)`` on one
+      micro-batch of a :class:`~jrlhf.algorithms.onpolicy.RolloutBatch` (reads ``input_ids``, ``attention_mask``,
+      ``loss_mask``, ``old_logps``, ``scores`` and, with ``beta > 0``, ``ref_logps``), ``prepare_batch`` (the
+      group advantages), ``init_frozen(params)`` (``Frozen(ref_params=params)`` when ``beta > 0``, else ``None``),
+      ``rollout(...)`` and ``update(optimizer, mesh, state_shardings=...)``.
+
+    Raises:
+      ConfigError: a wrong config type, an unknown field, or an invalid setting (the field named).
+    """
+    algo = onpolicy.as_config(config, Config, "grpo")
+    onpolicy.check_rollout_settings(algo, min_generations=2, algorithm="grpo")
+    check_algo(algo)
+    return onpolicy.make_algorithm(
+        "grpo", model, algo, loss_fn=make_loss_fn(model, algo), prepare_batch=make_prepare_batch(algo, model),
+        uses_reference=algo.beta != 0.0, num_epochs=algo.num_iterations,
+        num_minibatches=onpolicy.num_minibatches(algo))
+
+
 def setup(run) -> AlgorithmSetup:
-    """Builds the GRPO parts for the loop."""
-    cfg, algo = run.cfg, run.cfg.algo
+    """Builds the GRPO parts for the loop: :func:`make` plus the run's data, reward sources and evaluation."""
+    algo = run.cfg.algo
     check_config(run)
+    parts = make(run.model, algo)
     return onpolicy.policy_gradient_setup(
-        run, make_loss_fn(run.model, algo, cfg.train.num_microbatches), make_prepare_batch(algo),
-        use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations, num_minibatches=onpolicy.num_minibatches(algo),
+        run, parts.loss_fn, parts.prepare_batch, use_ref=parts.uses_reference, num_epochs=parts.num_epochs,
+        num_minibatches=parts.num_minibatches,
         collector_options={"zero_std_over_batch": algo.scale_rewards == "batch"})

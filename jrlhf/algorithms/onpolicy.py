@@ -1,29 +1,27 @@
-"""Rollout machinery shared by the on-policy algorithms (GRPO, PPO, RLOO, REINFORCE++).
+"""Rollouts and the on-policy contract shared by GRPO, PPO, RLOO and REINFORCE++.
 
-One call of the ``collect`` built by :func:`make_collect` turns a :class:`jrlhf.data.PromptBatch` into a rollout
-batch for :func:`jrlhf.step.make_onpolicy_update`:
+:func:`rollout` turns prompts into a :class:`RolloutBatch`, the typed input of the compiled on-policy update
+(:func:`jrlhf.step.make_onpolicy_update`), from plain arguments: a model, its params, prompts (token ids, records
+and a tokenizer, or a :class:`jrlhf.data.PromptBatch`), the sampling settings of a :class:`RolloutConfig` (or any
+algorithm config) and reward functions as Python callables. One call:
 
 1. **generate**: :func:`jrlhf.sampling.generate` samples ``num_generations`` completions per prompt from one
    prefill, on the mesh the (sharded) policy params live on. Row ``b * n + i`` is sample ``i`` of prompt ``b``.
-2. **forward** (one jitted program on the same mesh): prompt + completion sequences, reference log-probs
-   (``frozen["ref_params"]``), old values (critic), reward-model scores (``frozen["reward_params"]``).
+2. **forward** (one jitted program on the same mesh): prompt + completion sequences and, when given, reference
+   log-probs (``ref_params``), old values (``values_fn``: PPO's critic) and reward-model scores (``reward_params``).
 3. **rewards** (host): the completions are decoded and scored by the reward functions
    (:func:`jrlhf.rewards.combine_rewards`; an error or a NaN stops the run with the offending sample shown),
    weighted and summed with the reward model's score.
 
-The rollout batch (every array's leading dimension is ``R = batch_size * num_generations`` rows):
+**Where the reference log-probs are computed** (``RolloutConfig.reference_logps``): ``"rollout"`` (default) --
+:func:`rollout` computes ``ref_logps`` once from the ``ref_params`` it is given; ``"update"`` -- the rollout leaves
+``ref_logps`` out and the algorithm's ``prepare_batch`` computes it inside the compiled update from
+``frozen.ref_params`` (:class:`Frozen`), once per rollout batch before the mini-batches. Both give the same numbers.
 
-* ``input_ids``, ``attention_mask`` ``[R, P + N]`` int32: left-padded prompt, then the completion (right-padded);
-* ``loss_mask`` ``[R, P + N]`` int32: 1 on completion tokens that are trained on (0 on the prompt, on padding, and on
-  truncated completions with ``mask_truncated_completions``); so ``ctx.globals["num_tokens"]`` is the mini-batch's
-  trained-token count;
-* ``old_logps`` ``[R, N]`` float32: the sampler's log-probs of the completion tokens under ``logits / temperature``
-  (the rollout policy, TRL's old log-probs);
-* ``ref_logps`` ``[R, N]`` float32 (when a reference is used): the reference's log-probs, same temperature;
-* ``old_values`` ``[R, N]`` float32 (PPO): the critic's value of the state before each completion token;
-* ``scores`` ``[R]`` float32: the combined sequence reward (NaN where no reward applies to a sample);
-* ``truncated`` ``[R]`` int32: 1 when the completion hit ``max_completion_length`` without EOS (any id of
-  :func:`jrlhf.evaluation.run_stop_token_ids`).
+Each algorithm module's ``make(model, config)`` returns an :class:`OnPolicyAlgorithm` (the
+:class:`jrlhf.algorithms.base.Algorithm` contract plus the rollout and the update's epoch / mini-batch counts);
+its ``setup(run)`` for ``jrlhf train`` is one user of it, and ``collect`` (:func:`make_collect`) is one user of
+:func:`rollout`.
 
 Rows whose score is NaN (no reward function applied, the reward model absent) are unscorable: every algorithm's
 ``prepare_batch`` passes the batch through :func:`drop_unscorable`, so they get no loss and no gradient and stay out
@@ -36,14 +34,17 @@ comes from the logits at position ``P + j - 1``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf import distributed, losses, sampling
+from jrlhf.algorithms.base import Algorithm, AlgorithmInputError, check_fields
 from jrlhf.config import ConfigError
 from jrlhf.evaluation import run_stop_token_ids
 from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_logprobs_from_hidden,
@@ -72,7 +73,11 @@ class RolloutConfig:
         generation during training stops at them too.
       mask_truncated_completions: completions that hit ``max_completion_length`` without EOS get no loss (their
         rewards still enter the group statistics, as in TRL).
-      reward_funcs: reward functions by registered name (:func:`jrlhf.rewards.get_reward_fn`), or mappings
+      min_new_tokens: EOS (and ``stop_token_ids``) cannot end a completion before this many tokens
+        (``transformers``' ``min_new_tokens``; ``= max_completion_length`` gives fixed-length completions). The
+        log-probs stay those of the policy's unmodified distribution.
+      reward_funcs: reward functions: Python callables (from Python), registered names
+        (:func:`jrlhf.rewards.get_reward_fn`), ``module:function`` import paths, or mappings
         ``{name: NAME, **options}`` for factories such as ``format``.
       reward_weights: one weight per reward source (the ``reward_funcs`` in order, then the reward model);
         ``None``: all 1.
@@ -81,6 +86,9 @@ class RolloutConfig:
       logprob_chunk_size: vocabulary chunk for the log-softmax (``None``: full logits; with a chunk the ``entropy``
         metric is not computed).
       num_completions_to_print: completions written to the run's samples log every ``train.log_every`` steps.
+      reference_logps: where the reference log-probs are computed: ``"rollout"`` (once, by :func:`rollout`, stored
+        in ``RolloutBatch.ref_logps``) or ``"update"`` (inside the compiled update's ``prepare_batch``, from
+        ``frozen.ref_params``; the rollout then needs no reference params). Same numbers either way.
     """
 
     num_generations: int = 8
@@ -95,6 +103,8 @@ class RolloutConfig:
     reward_model: str | None = None
     logprob_chunk_size: int | None = None
     num_completions_to_print: int = 4
+    min_new_tokens: int = 0
+    reference_logps: str = "rollout"
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -110,14 +120,23 @@ def completion_length(run) -> int:
     return DEFAULT_MAX_COMPLETION_LENGTH
 
 
-def check_rollout_config(run, *, min_generations: int = 1) -> None:
-    """Rejects rollout settings that cannot work, naming the key and the fix."""
-    algo = run.cfg.algo
+REFERENCE_LOGPS = ("rollout", "update")
+
+
+def check_rollout_settings(algo, *, min_generations: int = 1, max_completion_length: int | None = None,
+                           algorithm: str = "this algorithm") -> None:
+    """Rejects rollout settings of a :class:`RolloutConfig` (or an algorithm's config) that cannot work, naming the
+    key and the fix (:class:`jrlhf.config.ConfigError`); the run-free part of :func:`check_rollout_config`."""
     if not isinstance(algo.num_generations, int) or algo.num_generations < min_generations:
-        raise ConfigError(f"algo.num_generations={algo.num_generations!r}: {run.cfg.algorithm} needs at least "
+        raise ConfigError(f"algo.num_generations={algo.num_generations!r}: {algorithm} needs at least "
                           f"{min_generations} completion(s) per prompt")
-    if completion_length(run) < 1:
-        raise ConfigError(f"algo.max_completion_length={completion_length(run)}: must be >= 1")
+    n = algo.max_completion_length if max_completion_length is None else max_completion_length
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ConfigError(f"algo.max_completion_length={n!r}: must be an int >= 1")
+    if not isinstance(algo.min_new_tokens, int) or algo.min_new_tokens < 0 or (n is not None
+                                                                              and algo.min_new_tokens > n):
+        raise ConfigError(f"algo.min_new_tokens={algo.min_new_tokens!r}: must be an int in [0, "
+                          f"max_completion_length={n}] (equal gives fixed-length completions)")
     if not algo.temperature > 0:
         raise ConfigError(f"algo.temperature={algo.temperature}: training needs a positive sampling temperature "
                           "(the log-probs are those of logits / temperature)")
@@ -125,17 +144,46 @@ def check_rollout_config(run, *, min_generations: int = 1) -> None:
         raise ConfigError(f"algo.top_p={algo.top_p}: must be in (0, 1]")
     if algo.top_k < 0:
         raise ConfigError(f"algo.top_k={algo.top_k}: must be >= 0 (0 = off)")
+    if algo.reference_logps not in REFERENCE_LOGPS:
+        raise ConfigError(f"algo.reference_logps={algo.reference_logps!r}: use 'rollout' (computed by the rollout) "
+                          "or 'update' (computed inside the compiled update from frozen.ref_params)")
+    sources = len(algo.reward_funcs) + (1 if algo.reward_model else 0)
+    if algo.reward_weights is not None and sources and len(algo.reward_weights) != sources:
+        raise ConfigError(f"algo.reward_weights has {len(algo.reward_weights)} entries for {sources} reward "
+                          "source(s) (the reward_funcs in order, then the reward_model)")
+
+
+def check_rollout_config(run, *, min_generations: int = 1) -> None:
+    """Rejects rollout settings of a run that cannot work, naming the key and the fix."""
+    algo = run.cfg.algo
+    check_rollout_settings(algo, min_generations=min_generations, max_completion_length=completion_length(run),
+                           algorithm=run.cfg.algorithm)
     if not algo.reward_funcs and not algo.reward_model:
         from jrlhf.rewards import reward_fn_names
 
         raise ConfigError("no reward: set algo.reward_funcs (registered: " + ", ".join(reward_fn_names())
-                          + ") and/or algo.reward_model (a reward-model directory from `jrlhf train reward`)")
-    sources = len(algo.reward_funcs) + (1 if algo.reward_model else 0)
-    if algo.reward_weights is not None and len(algo.reward_weights) != sources:
-        raise ConfigError(f"algo.reward_weights has {len(algo.reward_weights)} entries for {sources} reward "
-                          "source(s) (the reward_funcs in order, then the reward_model)")
+                          + "; or module:function import paths) and/or algo.reward_model (a reward-model directory "
+                          "from `jrlhf train reward`)")
     if run.tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token: completions could never end (set one in data.tokenizer)")
+
+
+def as_config(config, config_cls, algorithm: str):
+    """``config`` as a ``config_cls`` instance: an instance passes, a mapping is built into one (unknown keys are a
+    :class:`jrlhf.config.ConfigError` naming them and the valid ones), ``None`` gives the defaults."""
+    if config is None:
+        return config_cls()
+    if isinstance(config, config_cls):
+        return config
+    if isinstance(config, Mapping):
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ConfigError(f"{algorithm}.Config has no field(s) {', '.join(unknown)}; fields: "
+                              f"{', '.join(sorted(names))}")
+        return config_cls(**config)
+    raise ConfigError(f"{algorithm}.make: config must be a {algorithm}.Config (or a dict of its fields), got "
+                      f"{type(config).__name__}")
 
 
 @dataclasses.dataclass
@@ -151,22 +199,13 @@ class RewardSources:
 
 def load_reward_sources(run) -> RewardSources:
     """Resolves ``algo.reward_funcs`` / ``reward_weights`` / ``reward_model`` (loaded with ``run.load_model``)."""
-    from jrlhf.rewards import get_reward_fn, reward_fn_name
+    from jrlhf.rewards import RewardError, resolve_reward_funcs
 
     algo = run.cfg.algo
-    funcs, names, used = [], [], {}
-    for entry in algo.reward_funcs:
-        if isinstance(entry, str):
-            fn = get_reward_fn(entry)
-        elif isinstance(entry, dict) and "name" in entry:
-            options = {k: v for k, v in entry.items() if k != "name"}
-            fn = get_reward_fn(entry["name"], **options)
-        else:
-            raise ConfigError(f"algo.reward_funcs entry {entry!r}: give a registered name or {{name: NAME, ...}}")
-        base = entry if isinstance(entry, str) else reward_fn_name(fn)
-        used[base] = used.get(base, 0) + 1
-        funcs.append(fn)
-        names.append(base if used[base] == 1 else f"{base}_{used[base]}")
+    try:
+        funcs, names = resolve_reward_funcs(algo.reward_funcs)
+    except RewardError as error:
+        raise ConfigError(f"algo.reward_funcs: {error}") from None
     count = len(funcs) + (1 if algo.reward_model else 0)
     weights = np.ones(count, np.float32) if algo.reward_weights is None else np.asarray(algo.reward_weights,
                                                                                         np.float32)
@@ -180,17 +219,29 @@ def load_reward_sources(run) -> RewardSources:
     return RewardSources(funcs=funcs, names=names, weights=weights, model=model, params=params)
 
 
+@struct.dataclass
+class Frozen:
+    """What the on-policy algorithms hold fixed during training (a pytree: jit, sharding and checkpoints take it).
+
+    Attributes:
+      ref_params: the reference policy's params (a copy of the initial policy), or ``None`` (no KL term).
+      reward_params: the reward model's params (``RolloutConfig.reward_model``), or ``None``.
+    """
+
+    ref_params: Any = None
+    reward_params: Any = None
+
+
 def frozen_parts(run, *, ref: bool, rewards: RewardSources, ref_model=None):
-    """``(frozen, frozen_specs)`` with ``ref_params`` (a copy of the initial policy) and ``reward_params``; ``(None,
-    None)`` when neither is needed."""
-    frozen, specs = {}, {}
-    if ref:
-        frozen["ref_params"] = run.params
-        specs["ref_params"] = logical_axes(ref_model or run.model)
-    if rewards.model is not None:
-        frozen["reward_params"] = rewards.params
-        specs["reward_params"] = logical_axes(rewards.model)
-    return (frozen, specs) if frozen else (None, None)
+    """``(frozen, frozen_specs)``: :class:`Frozen` with ``ref_params`` (a copy of the initial policy) and
+    ``reward_params``, and the same structure of logical specs; ``(None, None)`` when neither is needed."""
+    if not ref and rewards.model is None:
+        return None, None
+    frozen = Frozen(ref_params=run.params if ref else None,
+                    reward_params=rewards.params if rewards.model is not None else None)
+    specs = Frozen(ref_params=logical_axes(ref_model or run.model) if ref else None,
+                   reward_params=logical_axes(rewards.model) if rewards.model is not None else None)
+    return frozen, specs
 
 
 def lm_view(model):
@@ -301,6 +352,347 @@ def _batch_constraint(mesh, rows: int):
 # ------------------------------------------------------------------------------------------------ collect
 
 
+ROLLOUT_FIELDS = {
+    "input_ids": "[R, P + N] int32: left-padded prompt, then the completion (right-padded)",
+    "attention_mask": "[R, P + N] int32: 1 on real prompt and completion tokens",
+    "loss_mask": "[R, P + N] int32: 1 on the completion tokens trained on (0 on the prompt, padding and, with "
+                 "mask_truncated_completions, truncated completions)",
+    "old_logps": "[R, N] float32: the sampler's log-probs of the completion tokens under logits / temperature "
+                 "(the rollout policy, TRL's old log-probs)",
+    "scores": "[R] float32: the combined sequence reward (NaN where no reward applies)",
+    "truncated": "[R] int32: 1 where the completion hit max_completion_length without a stop token",
+}
+OPTIONAL_ROLLOUT_FIELDS = {
+    "ref_logps": "[R, N] float32: the reference's log-probs of the completion tokens, same temperature "
+                 "(reference_logps='rollout'; else computed inside the update from frozen.ref_params)",
+    "old_values": "[R, N] float32 (PPO): the critic's value of the state before each completion token",
+}
+_FIELD_ORDER = tuple(ROLLOUT_FIELDS) + tuple(OPTIONAL_ROLLOUT_FIELDS)
+
+
+@struct.dataclass
+class RolloutBatch(Mapping):
+    """One rollout, the input of the compiled on-policy update. ``R = prompts * num_generations`` rows (row
+    ``b * n + i`` is sample ``i`` of prompt ``b``), ``P`` prompt and ``N = max_completion_length`` completion
+    columns; completion-frame arrays ``[R, N]`` pair with ``loss_mask[:, P:]``.
+
+    Attributes:
+      input_ids: ``[R, P + N]`` int32: left-padded prompt, then the completion (right-padded).
+      attention_mask: ``[R, P + N]`` int32: 1 on real prompt and completion tokens.
+      loss_mask: ``[R, P + N]`` int32: 1 on the completion tokens trained on (0 on the prompt, on padding, and on
+        truncated completions with ``mask_truncated_completions``).
+      old_logps: ``[R, N]`` float32: the sampler's log-probs of the completion tokens under
+        ``logits / temperature`` (the rollout policy, TRL's old log-probs); 0 on padding.
+      scores: ``[R]`` float32: the weighted sum of the reward sources; NaN where none applies (no loss, see
+        :func:`drop_unscorable`).
+      truncated: ``[R]`` int32: 1 where the completion hit ``max_completion_length`` without a stop token.
+      ref_logps: ``[R, N]`` float32 or ``None``: the reference's log-probs, same temperature; ``None`` when no
+        reference was given to :func:`rollout` (``reference_logps: update`` computes it inside the update).
+      old_values: ``[R, N]`` float32 or ``None`` (PPO): the critic's value of the state before each completion
+        token.
+
+    A pytree (``jax.tree`` maps over the fields that are not ``None``) and a read-only mapping of those fields
+    (``batch["old_logps"]``, ``dict(batch)``): a missing optional field raises ``KeyError``; the algorithms'
+    ``prepare_batch`` turn it into a dict to which they add their own fields (``advantages``...).
+    """
+
+    input_ids: Any
+    attention_mask: Any
+    loss_mask: Any
+    old_logps: Any
+    scores: Any
+    truncated: Any
+    ref_logps: Any = None
+    old_values: Any = None
+
+    def __getitem__(self, key):
+        value = getattr(self, key) if key in _FIELD_ORDER else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self):
+        return (name for name in _FIELD_ORDER if getattr(self, name) is not None)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """``N``."""
+        return int(self.old_logps.shape[1])
+
+
+class Rollout(NamedTuple):
+    """What :func:`rollout` returns.
+
+    Attributes:
+      batch: the :class:`RolloutBatch` (device arrays, on the mesh of the params).
+      metrics: TRL-named host metrics of the rollout (``reward``, ``reward_std``, ``rewards/{name}/mean``,
+        ``frac_reward_zero_std``, ``completions/*``) and ``_num_tokens`` (prompt + completion tokens).
+      prompts: the ``R`` prompts as given to the reward functions (each prompt repeated per sample).
+      completions: the ``R`` decoded completions.
+      scores: ``[R]`` float32 numpy: the combined rewards (before ``host_score_fn``; NaN = unscorable).
+      rewards: ``{source name: [R] float32}`` per reward source before weighting (NaN = ``None``).
+    """
+
+    batch: RolloutBatch
+    metrics: dict
+    prompts: list
+    completions: list
+    scores: np.ndarray
+    rewards: dict
+
+
+class _Key:
+    """A static jit argument compared by value when hashable, else by identity (models, functions, meshes)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+        try:
+            self._hash = hash(("v", obj))
+            self._by_value = True
+        except TypeError:
+            self._hash, self._by_value = hash(("i", id(obj))), False
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, _Key):
+            return False
+        if self.obj is other.obj:
+            return True
+        return self._by_value and other._by_value and type(self.obj) is type(other.obj) and self.obj == other.obj
+
+
+class _ForwardSpec(NamedTuple):
+    n_gen: int
+    n_tokens: int
+    temperature: float
+    chunk_size: Any
+    mask_truncated: bool
+    ref_model: _Key
+    reward_model: _Key
+    values_fn: _Key
+    mesh: _Key
+
+
+def _pin(mesh, rows):
+    if mesh is None:
+        return lambda x: x
+    constraint = _batch_constraint(mesh, rows)
+    return lambda x: jax.lax.with_sharding_constraint(x, constraint)
+
+
+def _forward_impl(spec: _ForwardSpec, value_params, ref_params, reward_params, prompt_ids, prompt_mask, tokens,
+                  token_mask, truncated):
+    n_gen, mesh = spec.n_gen, spec.mesh.obj
+    pin = _pin(mesh, tokens.shape[0])
+    ids = jnp.concatenate([jnp.repeat(prompt_ids, n_gen, axis=0), tokens], axis=1).astype(jnp.int32)
+    prompt_part = jnp.repeat(prompt_mask, n_gen, axis=0).astype(jnp.int32)
+    attention = jnp.concatenate([prompt_part, token_mask.astype(jnp.int32)], axis=1)
+    trained = token_mask.astype(jnp.int32)
+    if spec.mask_truncated:
+        trained = trained * (1 - truncated.astype(jnp.int32))[:, None]
+    loss_mask = jnp.concatenate([jnp.zeros_like(prompt_part), trained], axis=1)
+    out = {"input_ids": pin(ids), "attention_mask": pin(attention), "loss_mask": pin(loss_mask),
+           "truncated": pin(truncated.astype(jnp.int32))}
+    if ref_params is not None:
+        ref_logps, _, _ = completion_forward(spec.ref_model.obj, ref_params, ids, attention, spec.n_tokens,
+                                             temperature=spec.temperature, chunk_size=spec.chunk_size,
+                                             with_entropy=False)
+        out["ref_logps"] = pin(ref_logps)
+    if spec.values_fn.obj is not None:
+        out["old_values"] = pin(spec.values_fn.obj(value_params, ids, attention, spec.n_tokens))
+    rm_scores = None
+    if reward_params is not None:
+        model = spec.reward_model.obj
+        rm_scores = sequence_scores(model.apply(reward_params, ids, attention), attention)
+    return out, rm_scores
+
+
+_forward_jit = jax.jit(_forward_impl, static_argnums=0)
+
+
+def reference_logps(ref_model, ref_params, batch, config) -> jax.Array:
+    """The reference's log-probs ``[R, N]`` float32 of a rollout (mini-)batch's completion tokens under
+    ``logits / config.temperature`` (``config.logprob_chunk_size``); jit-safe. What :func:`rollout` stores as
+    ``ref_logps`` and what ``prepare_batch`` computes with ``reference_logps: update``."""
+    n = batch["old_logps"].shape[1]
+    logps, _, _ = completion_forward(lm_view(ref_model), ref_params, batch["input_ids"], batch["attention_mask"], n,
+                                     temperature=config.temperature, chunk_size=config.logprob_chunk_size,
+                                     with_entropy=False)
+    return logps
+
+
+def with_reference_logps(batch, frozen, ref_model, config, algorithm: str):
+    """``batch`` (a dict) with ``ref_logps``: kept when the rollout computed it, else computed from
+    ``frozen.ref_params`` with ``ref_model`` (inside the compiled update: ``reference_logps: update``).
+
+    Raises:
+      AlgorithmInputError: neither is available (the message names ``ref_logps``, ``frozen.ref_params`` and the
+        ways to provide them).
+    """
+    if batch.get("ref_logps") is not None:
+        return batch
+    ref_params = getattr(frozen, "ref_params", None)
+    if ref_params is None and isinstance(frozen, Mapping):
+        ref_params = frozen.get("ref_params")
+    if ref_params is None or ref_model is None:
+        raise AlgorithmInputError(
+            f"{algorithm}: the rollout batch has no 'ref_logps' ([R, N] float32 reference log-probs) and "
+            + ("frozen has no ref_params" if ref_model is not None else "the update was built without a model")
+            + ": pass ref_params to rollout(), or frozen=algorithm.init_frozen(params) to the update")
+    return {**batch, "ref_logps": reference_logps(ref_model, ref_params, batch, config)}
+
+
+def _prompt_batch(prompts, tokenizer, max_prompt_length):
+    """A :class:`jrlhf.data.PromptBatch` from a PromptBatch, ``(ids [B, P], mask [B, P])`` or records / strings."""
+    from jrlhf.data import PromptBatch, collate_prompts, tokenize
+
+    if isinstance(prompts, PromptBatch):
+        return prompts
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        ids, mask = np.asarray(prompts[0], np.int32), np.asarray(prompts[1], np.int32)
+        if ids.shape != mask.shape:
+            raise AlgorithmInputError(f"rollout: prompt ids {ids.shape} and mask {mask.shape} must have one shape "
+                                      "[B, P]")
+        if tokenizer is not None:
+            texts = tokenizer.batch_decode([row[m > 0].tolist() for row, m in zip(ids, mask)],
+                                           skip_special_tokens=True)
+        else:
+            texts = [None] * len(ids)
+        return PromptBatch(ids, mask, [{"prompt": t} for t in texts], np.ones(len(ids), np.int32))
+    if isinstance(prompts, (list, tuple)) and prompts:
+        if tokenizer is None:
+            raise AlgorithmInputError("rollout: prompts given as records or strings need tokenizer=")
+        records = [{"prompt": p} if isinstance(p, str) else p for p in prompts]
+        missing = [i for i, r in enumerate(records) if not isinstance(r, Mapping) or "prompt" not in r]
+        if missing:
+            raise AlgorithmInputError(f"rollout: prompt record {missing[0]} has no 'prompt' field (records are "
+                                      "dicts {'prompt': ..., other fields go to the reward functions})")
+        data = tokenize(records, tokenizer, "prompt", max_prompt_length=max_prompt_length)
+        return collate_prompts(data.examples, pad_id=tokenizer.pad_token_id)
+    raise AlgorithmInputError(f"rollout: prompts must be a PromptBatch, a (prompt_ids [B, P], prompt_mask [B, P]) "
+                              f"tuple, or a non-empty list of records / strings; got {type(prompts).__name__}")
+
+
+def rollout(model, params, prompts, rng, config=None, *, tokenizer=None, reward_funcs=None, reward_names=None,
+            ref_params=None,
+            ref_model=None, reward_model=None, reward_params=None, stop_token_ids=None, mesh=None,
+            max_prompt_length=None, values_fn=None, value_params=None, host_score_fn=None,
+            zero_std_over_batch: bool = False) -> Rollout:
+    """Samples completions of ``prompts``, scores them, and returns the :class:`RolloutBatch` the update consumes.
+
+    Args:
+      model: the policy (``lm`` or ``lm+value``; sampling and log-probs use its LM head).
+      params: the policy's params (placed however training placed them; sharded params stay sharded).
+      prompts: a :class:`jrlhf.data.PromptBatch`; or ``(prompt_ids [B, P], prompt_mask [B, P])`` int arrays
+        (left-padded); or a list of records (dicts with ``prompt`` plus fields the reward functions read, e.g.
+        ``answer``) or of prompt strings, tokenised with ``tokenizer`` (its chat template when it has one).
+      rng: a PRNG key (the same key and arguments give the same rollout).
+      config: the sampling and reward settings: a :class:`RolloutConfig` or any algorithm config (``grpo.Config``
+        ...): ``num_generations``, ``max_completion_length`` (``None``: 512, TRL), ``min_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``stop_token_ids``, ``mask_truncated_completions``,
+        ``reward_funcs``, ``reward_weights``, ``logprob_chunk_size``. ``None``: the defaults.
+      tokenizer: decodes the completions for the reward functions (required with reward functions or records).
+      reward_funcs: reward functions overriding ``config.reward_funcs``: Python callables
+        ``(prompts, completions, completion_ids, **record_fields) -> list[float | None]``, registered names or
+        ``module:function`` paths (:func:`jrlhf.rewards.resolve_reward_funcs`). ``reward_names``: their metric
+        names (default: the entry strings, else the functions' ``__name__``).
+      ref_params: the reference's params: ``ref_logps`` is computed here when given (``None``: left out, for an
+        update that computes it from ``frozen.ref_params``, or for no KL term). ``ref_model``: its model
+        (default: ``model``).
+      reward_model, reward_params: a score model (``head="score"``) and its params: one more reward source, after
+        the reward functions (weights: ``config.reward_weights``).
+      stop_token_ids: ids that end a completion (``None``: the tokenizer's EOS and ``config.stop_token_ids``).
+      mesh: the mesh to run on (``None``: that of the params' shardings, else no sharding constraints).
+      max_prompt_length: prompt truncation (keep the end) when tokenising records.
+      values_fn: ``(value_params, input_ids, attention_mask, N) -> [R, N]`` old values (PPO), or ``None``;
+        ``value_params`` default to ``params``.
+      host_score_fn: ``(scores [R] np, truncated [R] np) -> scores`` applied on the host after the rewards
+        (PPO's missing-EOS penalty); the metrics keep the unmodified scores.
+      zero_std_over_batch: ``frac_reward_zero_std`` asks whether the whole batch's rewards have zero std.
+
+    Returns:
+      A :class:`Rollout` ``(batch, metrics, prompts, completions, scores, rewards)``.
+
+    Raises:
+      ConfigError: invalid sampling settings (the key named). AlgorithmInputError: prompts of a wrong form, no
+      tokenizer, or no reward source. RewardError: a reward function raised, or returned NaN/inf or a non-number
+      (the message shows the sample).
+    """
+    from jrlhf.rewards import resolve_reward_funcs
+
+    config = RolloutConfig() if config is None else config
+    n_tokens = DEFAULT_MAX_COMPLETION_LENGTH if config.max_completion_length is None else config.max_completion_length
+    check_rollout_settings(config, max_completion_length=n_tokens)
+    funcs, names = resolve_reward_funcs(config.reward_funcs if reward_funcs is None else reward_funcs)
+    if reward_names is not None:
+        names = list(reward_names)
+    if not funcs and reward_params is None:
+        raise AlgorithmInputError("rollout: no reward source: pass reward_funcs (Python callables, registered names "
+                                  "or module:function paths) or set config.reward_funcs, and/or reward_model + "
+                                  "reward_params")
+    if funcs and tokenizer is None:
+        raise AlgorithmInputError("rollout: reward functions read decoded completions: pass tokenizer=")
+    sources = len(funcs) + (1 if reward_params is not None else 0)
+    weights = (np.ones(sources, np.float32) if config.reward_weights is None
+               else np.asarray(config.reward_weights, np.float32))
+    if weights.shape != (sources,):
+        raise ConfigError(f"reward_weights has {weights.size} entries for {sources} reward source(s) (the "
+                          "reward_funcs in order, then the reward model)")
+    if stop_token_ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        stop_token_ids = tuple(dict.fromkeys(([eos] if eos is not None else []) + list(config.stop_token_ids)))
+    if mesh is None:
+        mesh = sampling._mesh_of(params)
+    n_gen = int(config.num_generations)
+    temperature = float(config.temperature)
+    prompt_batch = _prompt_batch(prompts, tokenizer, max_prompt_length)
+    lm = lm_view(model)
+
+    prompt_ids, prompt_mask = _global_prompts(prompt_batch, mesh)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    sample = sampling.generate(lm, params, prompt_ids, prompt_mask, rng, max_new_tokens=int(n_tokens),
+                               num_samples=n_gen, min_new_tokens=int(config.min_new_tokens),
+                               temperature=temperature, top_k=int(config.top_k), top_p=float(config.top_p),
+                               eos_token_id=tuple(stop_token_ids), pad_token_id=0 if pad_id is None else int(pad_id),
+                               mesh=mesh)
+    rows = sample.tokens.shape[0]
+    spec = _ForwardSpec(n_gen=n_gen, n_tokens=int(n_tokens), temperature=temperature,
+                        chunk_size=config.logprob_chunk_size,
+                        mask_truncated=bool(config.mask_truncated_completions),
+                        ref_model=_Key(lm_view(ref_model) if ref_model is not None else lm),
+                        reward_model=_Key(reward_model), values_fn=_Key(values_fn), mesh=_Key(mesh))
+    device, rm_scores = _forward_jit(spec, params if value_params is None else value_params, ref_params,
+                                     reward_params, prompt_ids, prompt_mask, sample.tokens, sample.mask,
+                                     sample.truncated)
+    device["old_logps"] = sample.logps
+    host = distributed.process_allgather({"tokens": sample.tokens, "mask": sample.mask, "truncated": sample.truncated,
+                                          **({"rm": rm_scores} if rm_scores is not None else {})})
+    local = _local_rows(mesh, prompt_batch, n_gen, rows)
+    tokens, mask, truncated = host["tokens"][local], host["mask"][local], host["truncated"][local]
+
+    records = [r for r in prompt_batch.records for _ in range(n_gen)]
+    prompt_texts = [r.get("prompt") for r in records]
+    completion_ids = [[int(t) for t, m in zip(row, mrow) if m] for row, mrow in zip(tokens, mask)]
+    completions = (tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if tokenizer is not None
+                   else [None] * len(completion_ids))
+    rewards = RewardSources(funcs=funcs, names=names, weights=weights, model=reward_model, params=reward_params)
+    rm_weight = float(weights[-1]) if reward_params is not None else 0.0
+    scores, per_source = _score(rewards, weights[: len(funcs)], rm_weight, prompt_texts, completions, completion_ids,
+                                records, None if rm_scores is None else host["rm"][local])
+    logged_scores = scores.copy()
+    if host_score_fn is not None:
+        scores = np.asarray(host_score_fn(scores, truncated), np.float32)
+    device["scores"] = _global_rows(scores, mesh, rows)
+    metrics = _rollout_metrics(logged_scores, per_source, mask, truncated, n_gen, prompt_batch, zero_std_over_batch)
+    return Rollout(batch=RolloutBatch(**device), metrics=metrics, prompts=prompt_texts, completions=completions,
+                   scores=logged_scores, rewards=per_source)
+
+
 @dataclasses.dataclass
 class Collector:
     """What :func:`make_collect` needs to know about one algorithm.
@@ -308,7 +700,8 @@ class Collector:
     Attributes:
       policy_params: ``state.params -> the policy's params`` (identity unless the trained params also hold a
         separate critic).
-      need_ref: compute ``ref_logps`` from ``frozen["ref_params"]``.
+      need_ref: the algorithm uses a reference (its ``ref_logps`` come from ``frozen.ref_params``: in the rollout
+        with ``reference_logps: rollout``, else inside the update).
       values_fn: ``(params, input_ids, attention_mask, N) -> [R, N]`` old values (PPO), or ``None``.
       host_score_fn: optional ``(scores [R] np, truncated [R] np) -> scores`` applied on the host after the rewards
         (e.g. PPO's missing-EOS penalty).
@@ -324,7 +717,8 @@ class Collector:
 
 
 def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
-    """Builds ``collect(state, prompt_batch, frozen, rng) -> (rollout batch, host metrics, samples text)``.
+    """Builds the loop's ``collect(state, prompt_batch, frozen, rng) -> (RolloutBatch, host metrics, samples
+    text)``: :func:`rollout` with the run's model, mesh, tokenizer, stop ids and reward sources.
 
     Generation and every forward pass run on the mesh of the sharded params (nothing is gathered to one device);
     only the completion tokens (and the reward model's scores) come to the host, for the reward functions.
@@ -332,75 +726,21 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
     Raises (from ``collect``):
       RewardError: a reward function raised, or returned NaN/inf or a non-number; the message shows the sample.
     """
-    algo, mesh, tokenizer = run.cfg.algo, run.mesh, run.tokenizer
-    n_gen = int(algo.num_generations)
-    n_tokens = completion_length(run)
+    algo = run.cfg.algo
+    config = dataclasses.replace(algo, max_completion_length=completion_length(run))
     stop_ids = run_stop_token_ids(run, algo.stop_token_ids)
-    temperature = float(algo.temperature)
-    lm = lm_view(run.model)
-    reward_model = rewards.model
-    rm_weight = float(rewards.weights[-1]) if reward_model is not None else 0.0
-    func_weights = rewards.weights[: len(rewards.funcs)]
-
-    def forward(params, frozen, prompt_ids, prompt_mask, tokens, token_mask, truncated):
-        rows = tokens.shape[0]
-        constraint = _batch_constraint(mesh, rows)
-        pin = lambda x: jax.lax.with_sharding_constraint(x, constraint)  # noqa: E731
-        ids = jnp.concatenate([jnp.repeat(prompt_ids, n_gen, axis=0), tokens], axis=1).astype(jnp.int32)
-        prompt_part = jnp.repeat(prompt_mask, n_gen, axis=0).astype(jnp.int32)
-        attention = jnp.concatenate([prompt_part, token_mask.astype(jnp.int32)], axis=1)
-        trained = token_mask.astype(jnp.int32)
-        if algo.mask_truncated_completions:
-            trained = trained * (1 - truncated.astype(jnp.int32))[:, None]
-        loss_mask = jnp.concatenate([jnp.zeros_like(prompt_part), trained], axis=1)
-        out = {"input_ids": pin(ids), "attention_mask": pin(attention), "loss_mask": pin(loss_mask),
-               "truncated": pin(truncated.astype(jnp.int32))}
-        if collector.need_ref:
-            ref_logps, _, _ = completion_forward(lm, frozen["ref_params"], ids, attention, n_tokens,
-                                                 temperature=temperature, chunk_size=algo.logprob_chunk_size,
-                                                 with_entropy=False)
-            out["ref_logps"] = pin(ref_logps)
-        if collector.values_fn is not None:
-            out["old_values"] = pin(collector.values_fn(params, ids, attention, n_tokens))
-        rm_scores = None
-        if reward_model is not None:
-            rm_scores = sequence_scores(reward_model.apply(frozen["reward_params"], ids, attention), attention)
-        return out, rm_scores
-
-    forward_jit = jax.jit(forward)
+    ref_in_rollout = collector.need_ref and algo.reference_logps == "rollout"
 
     def collect(state, prompt_batch, frozen, rng):
-        prompt_ids, prompt_mask = _global_prompts(prompt_batch, mesh)
-        params = collector.policy_params(state.params)
-        sample = sampling.generate(lm, params, prompt_ids, prompt_mask, rng, max_new_tokens=n_tokens,
-                                   num_samples=n_gen, temperature=temperature, top_k=int(algo.top_k),
-                                   top_p=float(algo.top_p), eos_token_id=stop_ids,
-                                   pad_token_id=tokenizer.pad_token_id, mesh=mesh)
-        rows = sample.tokens.shape[0]
-        device, rm_scores = forward_jit(state.params, frozen, prompt_ids, prompt_mask, sample.tokens, sample.mask,
-                                        sample.truncated)
-        device["old_logps"] = sample.logps
-        host = distributed.process_allgather({"tokens": sample.tokens, "mask": sample.mask,
-                                              "truncated": sample.truncated,
-                                              **({"rm": rm_scores} if rm_scores is not None else {})})
-        local = _local_rows(mesh, prompt_batch, n_gen, rows)
-        tokens, mask, truncated = host["tokens"][local], host["mask"][local], host["truncated"][local]
-
-        records = [r for r in prompt_batch.records for _ in range(n_gen)]
-        prompts = [r.get("prompt") for r in records]
-        completion_ids = [[int(t) for t, m in zip(row, mrow) if m] for row, mrow in zip(tokens, mask)]
-        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        scores, per_source = _score(rewards, func_weights, rm_weight, prompts, completions, completion_ids, records,
-                                    None if rm_scores is None else host["rm"][local])
-        logged_scores = scores.copy()
-        if collector.host_score_fn is not None:
-            scores = collector.host_score_fn(scores, truncated).astype(np.float32)
-        device["scores"] = _global_rows(scores, mesh, rows)
-
-        metrics = _rollout_metrics(logged_scores, per_source, mask, truncated, n_gen, prompt_batch,
-                                   collector.zero_std_over_batch)
-        samples = _samples_text(prompts, completions, logged_scores, int(algo.num_completions_to_print))
-        return device, metrics, samples
+        out = rollout(run.model, collector.policy_params(state.params), prompt_batch, rng, config,
+                      tokenizer=run.tokenizer, reward_funcs=rewards.funcs, reward_names=rewards.names,
+                      ref_params=frozen.ref_params if ref_in_rollout else None,
+                      reward_model=rewards.model, reward_params=None if frozen is None else frozen.reward_params,
+                      stop_token_ids=stop_ids, mesh=run.mesh, values_fn=collector.values_fn,
+                      value_params=state.params, host_score_fn=collector.host_score_fn,
+                      zero_std_over_batch=collector.zero_std_over_batch)
+        samples = _samples_text(out.prompts, out.completions, out.scores, int(algo.num_completions_to_print))
+        return out.batch, out.metrics, samples
 
     return collect
 
@@ -408,6 +748,8 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
 def _global_prompts(prompt_batch, mesh):
     """The prompt arrays as global arrays on the mesh (batch-sharded when the batch divides the batch axes)."""
     ids, mask = np.asarray(prompt_batch.prompt_ids), np.asarray(prompt_batch.prompt_mask)
+    if mesh is None:
+        return jnp.asarray(ids), jnp.asarray(mask)
     if jax.process_count() > 1:
         arrays = distributed.global_batch_from_local({"ids": ids, "mask": mask}, mesh)
         return arrays["ids"], arrays["mask"]
@@ -430,6 +772,8 @@ def _local_rows(mesh, prompt_batch, n_gen: int, rows: int) -> np.ndarray:
 
 def _global_rows(values: np.ndarray, mesh, rows: int):
     """A host ``[local rows]`` array as a global ``[rows]`` array on the mesh."""
+    if mesh is None:
+        return jnp.asarray(values)
     if jax.process_count() > 1:
         return distributed.global_batch_from_local(values, mesh)
     return put_global(values, _batch_constraint(mesh, rows))
@@ -550,3 +894,98 @@ def policy_gradient_setup(run, loss_fn, prepare_batch, *, use_ref: bool, num_epo
         evaluate=make_evaluate(run),
         onpolicy=OnPolicy(collect=collect, num_epochs=int(num_epochs), num_minibatches=int(num_minibatches)),
     )
+
+
+# ------------------------------------------------------------------------------------------------ the contract
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyAlgorithm(Algorithm):
+    """An on-policy algorithm as plain functions (``grpo.make(model, config)`` ...): the
+    :class:`jrlhf.algorithms.base.Algorithm` fields (``loss_fn``, ``prepare_batch``, ``batch_fields`` = the
+    :class:`RolloutBatch` fields it reads, ``frozen_type`` = :class:`Frozen`, ``init_frozen``...) plus the rollout
+    settings and the shape of the update. One iteration composed by hand::
+
+        algo = grpo.make(model, grpo.Config(num_generations=4, beta=0.04, reward_funcs=(my_reward,)))
+        state, shardings = init_train_state(params, optimizer, rng, mesh=mesh, param_specs=logical_axes(model))
+        frozen = algo.init_frozen(state.params)                   # Frozen(ref_params=<copy>) when beta > 0
+        update = algo.update(optimizer, mesh, state_shardings=shardings)
+        out = algo.rollout(state.params, records, rollout_rng, tokenizer=tokenizer, frozen=frozen)
+        state, metrics = update(state, out.batch, frozen)
+
+    Attributes (besides :class:`Algorithm`'s):
+      config: the algorithm's config (also the rollout settings of :func:`rollout`).
+      model: the trained model.
+      num_epochs: passes over each rollout batch (GRPO's ``num_iterations``, PPO's ``ppo_epochs``).
+      num_minibatches: optimizer steps per pass (``steps_per_generation`` / ``num_mini_batches``).
+      uses_reference: whether the loss reads ``ref_logps`` (then ``init_frozen`` holds ``ref_params``).
+      values_fn: ``(params, input_ids, attention_mask, N) -> [R, N]`` old values the rollout computes (PPO).
+      policy_params: ``params -> the policy's params`` (PPO with a separate critic trains ``{"policy", "critic"}``).
+      host_score_fn: host-side score transform applied by the rollout (PPO's ``missing_eos_penalty``).
+    """
+
+    config: Any = None
+    model: Any = None
+    num_epochs: int = 1
+    num_minibatches: int = 1
+    uses_reference: bool = False
+    values_fn: Callable | None = None
+    policy_params: Callable = lambda params: params
+    host_score_fn: Callable | None = None
+
+    def rollout(self, params, prompts, rng, *, tokenizer=None, frozen=None, **kwargs) -> Rollout:
+        """:func:`rollout` with this algorithm's model and settings: ``params`` are the trained params
+        (``state.params``), ``frozen`` (``init_frozen(params)``) supplies the reference (computed here with
+        ``config.reference_logps: rollout``) and the reward model's params; ``kwargs`` go to :func:`rollout`."""
+        ref = None
+        if self.uses_reference and self.config.reference_logps == "rollout":
+            if frozen is None or frozen.ref_params is None:
+                raise AlgorithmInputError(f"{self.name}: the rollout computes ref_logps from frozen.ref_params "
+                                          "(reference_logps='rollout'): pass frozen=algorithm.init_frozen(params)")
+            ref = frozen.ref_params
+        kwargs.setdefault("reward_params", None if frozen is None else frozen.reward_params)
+        return rollout(self.model, self.policy_params(params), prompts, rng, self.config, tokenizer=tokenizer,
+                       ref_params=ref, values_fn=self.values_fn, value_params=params,
+                       host_score_fn=self.host_score_fn, **kwargs)
+
+    def update(self, optimizer, mesh, *, state_shardings, **kwargs):
+        """:func:`jrlhf.step.make_onpolicy_update` of this algorithm: ``update(state, RolloutBatch, frozen) ->
+        (state, metrics)``; ``kwargs`` go to it unchanged (``num_microbatches``, ``shuffle``, ...)."""
+        from jrlhf.step import make_onpolicy_update
+
+        return make_onpolicy_update(self.loss_fn, optimizer, mesh, state_shardings=state_shardings,
+                                    num_epochs=self.num_epochs, num_minibatches=self.num_minibatches,
+                                    prepare_batch=self.prepare_batch, update_algo_state=self.update_algo_state,
+                                    **kwargs)
+
+
+def make_algorithm(name: str, model, config, *, loss_fn, prepare_batch, uses_reference: bool, num_epochs: int,
+                   num_minibatches: int, **extra) -> OnPolicyAlgorithm:
+    """The :class:`OnPolicyAlgorithm` of one algorithm module's ``make`` (the shared fields filled in)."""
+    reads = dict(ROLLOUT_FIELDS)
+    reads.pop("truncated")
+    optional = {"ref_logps": OPTIONAL_ROLLOUT_FIELDS["ref_logps"]} if uses_reference else {}
+    if extra.get("values_fn") is not None:
+        reads["old_values"] = OPTIONAL_ROLLOUT_FIELDS["old_values"]
+    policy_params = extra.get("policy_params") or (lambda params: params)
+    inner_prepare = prepare_batch
+
+    def prepare_batch(batch, frozen, algo_state):
+        """The algorithm's ``prepare_batch`` after checking that the rollout batch has the fields it reads."""
+        check_fields(name, batch, reads)
+        return inner_prepare(batch, frozen, algo_state)
+
+    def init_frozen(params):
+        """``Frozen(ref_params=<a copy of the policy part of params>)`` when the loss uses a reference, else
+        ``None``. Pass the placed train state's params (``state.params``): the copy keeps their sharding and never
+        aliases the donated state."""
+        if not uses_reference:
+            return None
+        return Frozen(ref_params=jax.tree.map(lambda x: jnp.array(x, copy=True), policy_params(params)))
+
+    return OnPolicyAlgorithm(
+        name=name, loss_fn=loss_fn, batch_fields=reads, optional_batch_fields=optional, prepare_batch=prepare_batch,
+        frozen_type=Frozen if uses_reference else None, init_frozen=init_frozen,
+        frozen_specs=Frozen(ref_params=logical_axes(model)) if uses_reference else None,
+        config=config, model=model, num_epochs=int(num_epochs), num_minibatches=int(num_minibatches),
+        uses_reference=uses_reference, **extra)

@@ -85,8 +85,12 @@ def head(cfg) -> str:
 
 def check_config(run) -> None:
     """Rejects settings that cannot work together, naming the keys."""
-    algo = run.cfg.algo
     onpolicy.check_rollout_config(run)
+    check_algo(run.cfg.algo)
+
+
+def check_algo(algo: Config) -> None:
+    """The run-free checks of a :class:`Config` (:class:`jrlhf.config.ConfigError` naming the key)."""
     if algo.critic not in CRITICS:
         raise ConfigError(f"algo.critic '{algo.critic}' is not one of {', '.join(CRITICS)}")
     if algo.critic_model and algo.critic != "separate":
@@ -119,12 +123,14 @@ def rollout_advantages(batch: dict, kl_coef, algo: Config):
     return adv, returns, mask, kl
 
 
-def make_prepare_batch(algo: Config):
+def make_prepare_batch(algo: Config, model=None):
     """``prepare_batch``: KL-penalised token rewards, GAE and whitening with the current ``kl_coef`` of the algorithm
     state, once per rollout. Globals: ``kl`` (mean per-sequence summed KL, the controller's measure),
-    ``kl_coef``, ``advantages_mean``, ``returns_mean``, ``non_score_reward``."""
+    ``kl_coef``, ``advantages_mean``, ``returns_mean``, ``non_score_reward``. Without ``ref_logps`` in the batch,
+    the reference log-probs come from ``frozen.ref_params`` and ``model`` (``reference_logps: update``)."""
 
     def prepare_batch(batch, frozen, algo_state):
+        batch = onpolicy.with_reference_logps(batch, frozen, model, algo, "ppo")
         batch = onpolicy.drop_unscorable(batch)
         kl_coef = algo_state["kl_coef"]
         adv, returns, mask, kl = rollout_advantages(batch, kl_coef, algo)
@@ -195,21 +201,38 @@ def make_update_algo_state(algo: Config, rollout_rows: int):
     return update
 
 
-def setup(run) -> AlgorithmSetup:
-    """Builds the PPO parts for the loop."""
-    cfg, algo, model = run.cfg, run.cfg.algo, run.model
-    check_config(run)
-    train_data = tokenize_train(run, DATA_KIND)
-    rewards = onpolicy.load_reward_sources(run)
-    policy_lm = onpolicy.lm_view(model)
-    frozen, frozen_specs = onpolicy.frozen_parts(run, ref=True, rewards=rewards)
+def make(model, config: Config | dict | None = None, *, critic_model=None,
+         rollout_rows: int | None = None) -> onpolicy.OnPolicyAlgorithm:
+    """PPO as plain functions, without a run config.
 
-    critic_model, params, param_specs, export = None, None, None, None
-    if algo.critic == "separate":
-        critic_model, critic_params = run.load_model(algo.critic_model, "value")
-        params = {"policy": run.params, "critic": critic_params}
-        param_specs = {"policy": logical_axes(model), "critic": logical_axes(critic_model)}
-        export = lambda p: p["policy"]  # noqa: E731
+    Args:
+      model: the policy: ``lm+value`` (``critic: shared``, the value head on the shared trunk) or ``lm``
+        (``critic: separate``).
+      config: a :class:`Config` (or a dict of its fields).
+      critic_model: the separate critic (``head="value"``) with ``critic: separate``; the trained params are then
+        ``{"policy": policy params, "critic": critic params}``.
+      rollout_rows: rows per rollout (prompts x ``num_generations``), the adaptive KL controller's ``n_steps``;
+        required with ``adaptive_kl``.
+
+    Returns:
+      An :class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm`; its rollout computes ``old_values`` and applies
+      ``missing_eos_penalty``; ``init_algo_state()`` gives ``{"kl_coef": float32}``; ``init_frozen(params)`` gives
+      ``Frozen(ref_params=<the policy params>)``.
+
+    Raises:
+      ConfigError: a wrong config type, an unknown field, an invalid setting, a missing ``critic_model`` /
+        ``rollout_rows`` (each named).
+    """
+    algo = onpolicy.as_config(config, Config, "ppo")
+    onpolicy.check_rollout_settings(algo, algorithm="ppo")
+    check_algo(algo)
+    if algo.critic == "separate" and critic_model is None:
+        raise ConfigError("ppo.make: critic='separate' needs critic_model= (a head='value' model)")
+    if algo.critic == "shared" and model.head != "lm+value":
+        raise ConfigError(f"ppo.make: critic='shared' needs a model with head='lm+value', got head='{model.head}'")
+    if algo.adaptive_kl and rollout_rows is None:
+        raise ConfigError("ppo.make: adaptive_kl needs rollout_rows= (prompts x num_generations per rollout)")
+    if critic_model is not None:
         policy_params = lambda p: p["policy"]  # noqa: E731
 
         def values_fn(p, ids, attention, n):
@@ -229,19 +252,45 @@ def setup(run) -> AlgorithmSetup:
             return scores
         return scores - np.float32(penalty) * truncated.astype(np.float32)
 
+    policy_lm = onpolicy.lm_view(model)
+    return onpolicy.make_algorithm(
+        "ppo", model, algo, loss_fn=make_loss_fn(policy_lm if critic_model is not None else model, algo,
+                                                 critic_model),
+        prepare_batch=make_prepare_batch(algo, model), uses_reference=True, num_epochs=algo.ppo_epochs,
+        num_minibatches=algo.num_mini_batches,
+        update_algo_state=make_update_algo_state(algo, int(rollout_rows or 0)),
+        init_algo_state=lambda: {"kl_coef": np.float32(algo.kl_coef)},
+        values_fn=values_fn, policy_params=policy_params, host_score_fn=host_score)
+
+
+def setup(run) -> AlgorithmSetup:
+    """Builds the PPO parts for the loop: :func:`make` plus the run's data, reward sources, critic and
+    evaluation."""
+    cfg, algo, model = run.cfg, run.cfg.algo, run.model
+    check_config(run)
+    train_data = tokenize_train(run, DATA_KIND)
+    rewards = onpolicy.load_reward_sources(run)
+    frozen, frozen_specs = onpolicy.frozen_parts(run, ref=True, rewards=rewards)
+    critic_model, params, param_specs, export = None, None, None, None
+    if algo.critic == "separate":
+        critic_model, critic_params = run.load_model(algo.critic_model, "value")
+        params = {"policy": run.params, "critic": critic_params}
+        param_specs = {"policy": logical_axes(model), "critic": logical_axes(critic_model)}
+        export = lambda p: p["policy"]  # noqa: E731
+    parts = make(model, algo, critic_model=critic_model, rollout_rows=cfg.data.batch_size * algo.num_generations)
     collect = onpolicy.make_collect(run, rewards, onpolicy.Collector(
-        policy_params=policy_params, need_ref=True, values_fn=values_fn, host_score_fn=host_score))
-    rollout_rows = cfg.data.batch_size * algo.num_generations
+        policy_params=parts.policy_params, need_ref=True, values_fn=parts.values_fn,
+        host_score_fn=parts.host_score_fn))
     return AlgorithmSetup(
-        loss_fn=make_loss_fn(policy_lm if critic_model is not None else model, algo, critic_model),
+        loss_fn=parts.loss_fn,
         train_data=train_data,
         frozen=frozen,
         frozen_specs=frozen_specs,
-        prepare_batch=make_prepare_batch(algo),
-        update_algo_state=make_update_algo_state(algo, rollout_rows),
-        algo_state={"kl_coef": np.float32(algo.kl_coef)},
-        evaluate=onpolicy.make_evaluate(run, policy_params),
-        onpolicy=OnPolicy(collect=collect, num_epochs=int(algo.ppo_epochs), num_minibatches=int(algo.num_mini_batches)),
+        prepare_batch=parts.prepare_batch,
+        update_algo_state=parts.update_algo_state,
+        algo_state=parts.init_algo_state(),
+        evaluate=onpolicy.make_evaluate(run, parts.policy_params),
+        onpolicy=OnPolicy(collect=collect, num_epochs=parts.num_epochs, num_minibatches=parts.num_minibatches),
         params=params,
         param_specs=param_specs,
         export_params=export,

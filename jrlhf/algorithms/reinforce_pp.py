@@ -64,6 +64,11 @@ def check_config(run) -> None:
     """Rejects settings that cannot work together, naming the keys."""
     algo = run.cfg.algo
     onpolicy.check_rollout_config(run, min_generations=2 if algo.baseline == "group" else 1)
+    check_algo(algo)
+
+
+def check_algo(algo: Config) -> None:
+    """The run-free checks of a :class:`Config` (:class:`jrlhf.config.ConfigError` naming the key)."""
     if algo.baseline not in BASELINES:
         raise ConfigError(f"algo.baseline '{algo.baseline}' is not one of {', '.join(BASELINES)}")
     if algo.kl_estimator not in losses.KL_KINDS:
@@ -91,11 +96,15 @@ def advantages(batch: dict, algo: Config):
     return adv, returns, mask, kl
 
 
-def make_prepare_batch(algo: Config):
+def make_prepare_batch(algo: Config, model=None):
     """``prepare_batch``: KL-shaped token rewards, returns and globally whitened advantages, once per rollout.
-    Globals: ``advantages_mean``, ``returns_mean`` (token means) and ``kl`` (mean per-sequence summed KL)."""
+    Globals: ``advantages_mean``, ``returns_mean`` (token means) and ``kl`` (mean per-sequence summed KL). With
+    ``kl_coef > 0`` and no ``ref_logps`` in the batch, the reference log-probs come from ``frozen.ref_params`` and
+    ``model`` (``reference_logps: update``)."""
 
     def prepare_batch(batch, frozen, algo_state):
+        if algo.kl_coef != 0.0:
+            batch = onpolicy.with_reference_logps(batch, frozen, model, algo, "reinforce_pp")
         batch = onpolicy.drop_unscorable(batch)
         adv, returns, mask, kl = advantages(batch, algo)
         batch["advantages"] = adv
@@ -132,10 +141,28 @@ def make_loss_fn(model, algo: Config):
     return loss_fn
 
 
+def make(model, config: Config | dict | None = None) -> onpolicy.OnPolicyAlgorithm:
+    """REINFORCE++ as plain functions, without a run config: ``make(model, reinforce_pp.Config(...))`` gives an
+    :class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm` (``loss_fn``, ``prepare_batch``, ``init_frozen`` ->
+    :class:`~jrlhf.algorithms.onpolicy.Frozen` when ``kl_coef > 0``, ``rollout``, ``update``); see
+    :func:`jrlhf.algorithms.grpo.make`.
+
+    Raises:
+      ConfigError: a wrong config type, an unknown field, or an invalid setting (the field named).
+    """
+    algo = onpolicy.as_config(config, Config, "reinforce_pp")
+    onpolicy.check_rollout_settings(algo, min_generations=2 if algo.baseline == "group" else 1,
+                                    algorithm="reinforce_pp")
+    check_algo(algo)
+    return onpolicy.make_algorithm(
+        "reinforce_pp", model, algo, loss_fn=make_loss_fn(model, algo), prepare_batch=make_prepare_batch(algo, model),
+        uses_reference=algo.kl_coef != 0.0, num_epochs=algo.ppo_epochs, num_minibatches=algo.num_mini_batches)
+
+
 def setup(run) -> AlgorithmSetup:
-    """Builds the REINFORCE++ parts for the loop."""
-    algo = run.cfg.algo
+    """Builds the REINFORCE++ parts for the loop: :func:`make` plus the run's data, reward sources and
+    evaluation."""
     check_config(run)
-    return onpolicy.policy_gradient_setup(run, make_loss_fn(run.model, algo), make_prepare_batch(algo),
-                                          use_ref=algo.kl_coef != 0.0, num_epochs=algo.ppo_epochs,
-                                          num_minibatches=algo.num_mini_batches)
+    parts = make(run.model, run.cfg.algo)
+    return onpolicy.policy_gradient_setup(run, parts.loss_fn, parts.prepare_batch, use_ref=parts.uses_reference,
+                                          num_epochs=parts.num_epochs, num_minibatches=parts.num_minibatches)

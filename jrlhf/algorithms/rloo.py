@@ -54,8 +54,12 @@ def head(cfg) -> str:
 
 def check_config(run) -> None:
     """Rejects settings that cannot work together, naming the keys."""
-    algo = run.cfg.algo
     onpolicy.check_rollout_config(run, min_generations=2)
+    check_algo(run.cfg.algo)
+
+
+def check_algo(algo: Config) -> None:
+    """The run-free checks of a :class:`Config` (:class:`jrlhf.config.ConfigError` naming the key)."""
     for key in ("num_iterations", "steps_per_generation"):
         value = getattr(algo, key)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -82,11 +86,14 @@ def advantages(batch: dict, algo: Config):
     return adv, kl
 
 
-def make_prepare_batch(algo: Config):
+def make_prepare_batch(algo: Config, model=None):
     """``prepare_batch``: KL-penalised rewards and leave-one-out advantages, once per rollout; the rollout's token
-    mean of the k1 KL goes to ``globals["kl"]`` (TRL's ``kl`` metric)."""
+    mean of the k1 KL goes to ``globals["kl"]`` (TRL's ``kl`` metric). With ``beta > 0`` and no ``ref_logps`` in
+    the batch, the reference log-probs come from ``frozen.ref_params`` and ``model`` (``reference_logps: update``)."""
 
     def prepare_batch(batch, frozen, algo_state):
+        if algo.beta != 0.0:
+            batch = onpolicy.with_reference_logps(batch, frozen, model, algo, "rloo")
         batch = onpolicy.drop_unscorable(batch)
         batch["advantages"], kl = advantages(batch, algo)
         out = {}
@@ -117,10 +124,27 @@ def make_loss_fn(model, algo: Config):
     return loss_fn
 
 
+def make(model, config: Config | dict | None = None) -> onpolicy.OnPolicyAlgorithm:
+    """RLOO as plain functions, without a run config: ``make(model, rloo.Config(...))`` gives an
+    :class:`jrlhf.algorithms.onpolicy.OnPolicyAlgorithm` (``loss_fn``, ``prepare_batch``, ``init_frozen`` ->
+    :class:`~jrlhf.algorithms.onpolicy.Frozen` when ``beta > 0``, ``rollout``, ``update``); see
+    :func:`jrlhf.algorithms.grpo.make`.
+
+    Raises:
+      ConfigError: a wrong config type, an unknown field, or an invalid setting (the field named).
+    """
+    algo = onpolicy.as_config(config, Config, "rloo")
+    onpolicy.check_rollout_settings(algo, min_generations=2, algorithm="rloo")
+    check_algo(algo)
+    return onpolicy.make_algorithm(
+        "rloo", model, algo, loss_fn=make_loss_fn(model, algo), prepare_batch=make_prepare_batch(algo, model),
+        uses_reference=algo.beta != 0.0, num_epochs=algo.num_iterations,
+        num_minibatches=onpolicy.num_minibatches(algo))
+
+
 def setup(run) -> AlgorithmSetup:
-    """Builds the RLOO parts for the loop."""
-    algo = run.cfg.algo
+    """Builds the RLOO parts for the loop: :func:`make` plus the run's data, reward sources and evaluation."""
     check_config(run)
-    return onpolicy.policy_gradient_setup(run, make_loss_fn(run.model, algo), make_prepare_batch(algo),
-                                          use_ref=algo.beta != 0.0, num_epochs=algo.num_iterations,
-                                          num_minibatches=onpolicy.num_minibatches(algo))
+    parts = make(run.model, run.cfg.algo)
+    return onpolicy.policy_gradient_setup(run, parts.loss_fn, parts.prepare_batch, use_ref=parts.uses_reference,
+                                          num_epochs=parts.num_epochs, num_minibatches=parts.num_minibatches)

@@ -3,7 +3,8 @@
 ``fn(prompts, completions, completion_ids, **record_fields) -> list[float | None]``; combine several with
 :func:`combine_rewards`; look shipped ones up by name with :func:`get_reward_fn` (``"addition_exact_match"``,
 ``"addition_format"``, ``"math_answer"``, ``"format"`` (options: ``pattern``, ``mode``), and the GSM8K recipe's
-``"gsm8k_answer"``, ``"gsm8k_format"``, ``"gsm8k_shaped"``).
+``"gsm8k_answer"``, ``"gsm8k_format"``, ``"gsm8k_shaped"``), or by ``module:function`` import path;
+:func:`resolve_reward_funcs` turns a mixed list of callables, names and paths into callables.
 """
 
 from jrlhf.rewards.core import (
@@ -11,6 +12,7 @@ from jrlhf.rewards.core import (
     combine_rewards,
     get_reward_fn,
     register_reward_fn,
+    resolve_reward_funcs,
     reward_fn_name,
     reward_fn_names,
     reward_metrics,
@@ -44,6 +46,7 @@ __all__ = [
     "math_answer",
     "normalize_answer",
     "register_reward_fn",
+    "resolve_reward_funcs",
     "reward_fn_name",
     "reward_fn_names",
     "reward_metrics",

@@ -31,13 +31,40 @@ class RewardError(JrlhfError, ValueError):
     """A reward function failed or returned an invalid value; the message names it and shows the sample."""
 
 
+def _describe(fn) -> str:
+    """``module:qualname`` of a callable (its type's for a callable object)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
+
+
+def _same_function(a, b) -> bool:
+    """Whether ``b`` is ``a`` or a redefinition of it (same module and qualified name, as when a notebook cell that
+    defines and registers a reward function runs again)."""
+    return a is b or (_describe(a) == _describe(b) and not _describe(a).endswith("<lambda>"))
+
+
 def register_reward_fn(name: str, fn: Callable | None = None, *, factory: bool = False):
     """Registers a reward function (or, with ``factory=True``, a ``**kwargs -> reward function`` factory) under
-    ``name``; usable as a decorator. Raises :class:`RewardError` if the name is taken."""
+    ``name``; usable as a decorator.
+
+    Registering the same function again under the same name is not an error (a redefinition with the same module
+    and qualified name, e.g. a re-run notebook cell, replaces the old one), so scripts and notebook cells can run
+    twice.
+
+    Raises:
+      RewardError: ``name`` holds a different function (the message names both), or contains ``:`` (reserved for
+        ``module:function`` import paths).
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise RewardError(f"reward function name {name!r}: use a non-empty name without ':' (names with ':' are "
+                          "module:function import paths)")
 
     def register(target):
-        if name in _REGISTRY or name in _FACTORIES:
-            raise RewardError(f"a reward function named '{name}' is already registered")
+        existing = _REGISTRY.get(name, _FACTORIES.get(name))
+        kind_matches = (name in _FACTORIES) == factory
+        if existing is not None and not (kind_matches and _same_function(existing, target)):
+            raise RewardError(f"reward function name '{name}' is taken by {_describe(existing)}; cannot register "
+                              f"{_describe(target)} under it (choose another name)")
         (_FACTORIES if factory else _REGISTRY)[name] = target
         return target
 
@@ -45,16 +72,43 @@ def register_reward_fn(name: str, fn: Callable | None = None, *, factory: bool =
 
 
 def reward_fn_names() -> list[str]:
-    """Names :func:`get_reward_fn` accepts."""
+    """Names :func:`get_reward_fn` accepts (besides ``module:function`` import paths)."""
     return sorted(set(_REGISTRY) | set(_FACTORIES))
 
 
+def _import_reward(path: str) -> Callable:
+    """The callable at ``module:function`` (``function`` may be dotted: ``module:Class.method``)."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward function '{path}': an import path is 'module:function' (e.g. 'my_rewards:length')")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RewardError(f"reward function '{path}': cannot import module '{module_name}' ({error}); put it on "
+                          "PYTHONPATH") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise RewardError(f"reward function '{path}': module '{module_name}' has no attribute '{attr}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise RewardError(f"reward function '{path}' is a {type(target).__name__}, not a callable")
+    return target
+
+
 def get_reward_fn(name: str, **kwargs) -> Callable:
-    """The registered reward function ``name``; factories (e.g. ``"format"``) are called with ``kwargs``.
+    """The reward function ``name``: a registered name, or a ``module:function`` import path (the module is
+    imported; with ``kwargs`` the imported callable is called with them as a factory of the reward function);
+    registered factories (e.g. ``"format"``) are called with ``kwargs``.
 
     Raises:
-      RewardError: unknown name (the known names are listed) or kwargs for a plain function.
+      RewardError: unknown name (the known names are listed), an import path that does not resolve to a callable,
+        or kwargs for a plain registered function.
     """
+    if ":" in name:
+        target = _import_reward(name)
+        return target(**kwargs) if kwargs else target
     if name in _FACTORIES:
         fn = _FACTORIES[name](**kwargs)
         fn.__name__ = getattr(fn, "__name__", name)
@@ -63,7 +117,44 @@ def get_reward_fn(name: str, **kwargs) -> Callable:
         if kwargs:
             raise RewardError(f"reward function '{name}' takes no options, got {sorted(kwargs)}")
         return _REGISTRY[name]
-    raise RewardError(f"unknown reward function '{name}'; registered: {', '.join(reward_fn_names())}")
+    raise RewardError(f"unknown reward function '{name}'; registered: {', '.join(reward_fn_names())} (or give a "
+                      "module:function import path, or pass the function itself)")
+
+
+def resolve_reward_funcs(entries) -> tuple[list[Callable], list[str]]:
+    """Reward functions and their metric names from ``reward_funcs`` entries.
+
+    Args:
+      entries: a sequence whose items are callables (TRL's signature, see the module docstring), registered names,
+        ``module:function`` import paths, or mappings ``{name: NAME_OR_PATH, **options}`` (factories).
+
+    Returns:
+      ``(funcs, names)``: the callables, and one metric name each (the entry's string, else
+      :func:`reward_fn_name`; repeats get a ``_2``, ``_3`` suffix).
+
+    Raises:
+      RewardError: an entry of another type, or one :func:`get_reward_fn` rejects.
+    """
+    if isinstance(entries, (str, dict)) or callable(entries):
+        entries = (entries,)
+    funcs, names, used = [], [], {}
+    for entry in entries:
+        if isinstance(entry, str):
+            fn = get_reward_fn(entry)
+            base = entry.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if ":" in entry else entry
+        elif isinstance(entry, dict) and "name" in entry:
+            options = {k: v for k, v in entry.items() if k != "name"}
+            fn = get_reward_fn(entry["name"], **options)
+            base = reward_fn_name(fn)
+        elif callable(entry):
+            fn, base = entry, reward_fn_name(entry)
+        else:
+            raise RewardError(f"reward_funcs entry {entry!r}: give a callable, a registered name, a module:function "
+                              "import path or {name: NAME, ...}")
+        used[base] = used.get(base, 0) + 1
+        funcs.append(fn)
+        names.append(base if used[base] == 1 else f"{base}_{used[base]}")
+    return funcs, names
 
 
 def reward_fn_name(fn: Callable) -> str:
