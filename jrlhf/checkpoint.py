@@ -256,7 +256,17 @@ def _barrier(name: str) -> None:
 
 
 def check_same_model(saved: dict, current: dict, where: str) -> None:
-    """Raises :class:`CheckpointError` if two model config dicts differ in an architecture key."""
+    """Raises :class:`CheckpointError` if two model config dicts differ in an architecture key.
+
+    A key missing from ``saved`` (a checkpoint written before :class:`jrlhf.models.ModelConfig` had that field)
+    stands for the field's default, which is what that model was built with."""
+    import dataclasses
+
+    from jrlhf.models.config import ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    defaults = json.loads(json.dumps(defaults, default=str))  # as the saved metadata (tuples become lists)
+    saved = {**{k: defaults[k] for k in current if k not in saved and k in defaults}, **saved}
     keys = sorted(set(saved) | set(current))
     for k in keys:
         if k in ("dtype", "param_dtype", "remat", "scan_layers"):

@@ -87,3 +87,19 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert _logged_steps(cut_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_checkpoint_from_before_a_model_field_existed_still_matches():
+    """Resuming after an upgrade that added a ModelConfig field: the old checkpoint's model config lacks the key,
+    which stands for the field's default; a real difference is still refused, naming the key."""
+    import dataclasses
+
+    from jrlhf.checkpoint import CheckpointError, check_same_model
+    from jrlhf.models import tiny_config
+
+    current = json.loads(json.dumps(dataclasses.asdict(tiny_config("llama")), default=str))  # as the loop saves it
+    older = {k: v for k, v in current.items() if k not in ("embed_scale", "qk_norm", "sandwich_norm")}
+    check_same_model(older, current, "runs/x/checkpoints")
+    gemma = json.loads(json.dumps(dataclasses.asdict(tiny_config("gemma3_text")), default=str))
+    with pytest.raises(CheckpointError, match="from another model: 'embed_scale'"):
+        check_same_model({k: v for k, v in gemma.items() if k != "embed_scale"}, gemma, "runs/x/checkpoints")
