@@ -6,7 +6,9 @@ compile time is reported apart):
 - ``trunk_fwd``: the decoder to the final-normed hidden states, no vocabulary projection;
 - ``ref_fwd``: a reference pass: trunk + token log-probs over the vocabulary (no gradient);
 - ``vocab_fwd`` / ``vocab_fwd_bwd``: token log-probs from fixed hidden states (the vocabulary projection and the
-  log-softmax), forward, and forward + backward to the hidden states and the (tied) embedding;
+  log-softmax), forward, and forward + backward to the hidden states and the (tied) embedding (jax: as
+  ``--chunk`` says: ``auto`` the loss positions only, an int vocabulary chunks over every position; torch: full
+  logits over every position);
 - ``policy_fwd_bwd_<remat>``: the gradient of the summed completion log-probs w.r.t. every parameter;
 - ``adamw``: one AdamW update of every parameter;
 - ``step``: (jax) the library's compiled DPO train step (policy + reference + backward + AdamW).
@@ -66,9 +68,9 @@ def run_jax(args) -> dict:
     import optax
 
     from jrlhf.algorithms import dpo
-    from jrlhf.algorithms.base import completion_logps, preference_globals, resolve_chunk_size
+    from jrlhf.algorithms.base import completion_logps, preference_globals, resolve_chunk_size, selection_tile
     from jrlhf.models import from_pretrained
-    from jrlhf.models.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix
+    from jrlhf.models.logprobs import selected_token_logprobs, token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix
 
     parts = args.parts.split(",")
     out = {}
@@ -125,6 +127,8 @@ def run_jax(args) -> dict:
         def vocab_loss(h, w, targets, lmask):
             if chunk is None:
                 lp = token_logprobs_from_logits(jnp.einsum("bth,vh->btv", h, w), targets)
+            elif args.chunk == "auto":  # the library's "auto" over the budget: the loss positions only
+                lp = selected_token_logprobs(h, w, targets, lmask > 0, selection_tile(V))
             else:
                 lp = token_logprobs_from_hidden(h, w, targets, chunk)
             return jnp.sum(lp * lmask)

@@ -345,7 +345,8 @@ def setup(run) -> AlgorithmSetup:
         from jrlhf.data import collate_preference, length_buckets
 
         base = functools.partial(collate_preference, pad_id=run.tokenizer.pad_token_id,
-                                 buckets=length_buckets(cfg.data.max_length, cfg.data.buckets or None))
+                                 buckets=length_buckets(cfg.data.max_length, cfg.data.buckets or None,
+                                                         pad_to_multiple_of=cfg.data.pad_to_multiple_of))
         collate = functools.partial(collate_with_reference, collate=base)
 
     pref_records = preference_eval_records(cfg.data)
