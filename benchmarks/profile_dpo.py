@@ -70,7 +70,8 @@ def run_jax(args) -> dict:
     from jrlhf.algorithms import dpo
     from jrlhf.algorithms.base import completion_logps, preference_globals, resolve_chunk_size, selection_tile
     from jrlhf.models import from_pretrained
-    from jrlhf.models.logprobs import selected_token_logprobs, token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix
+    from jrlhf.models.logprobs import (selected_token_logprobs, token_logprobs_from_hidden, token_logprobs_from_logits,
+                                       unembedding_matrix)
 
     parts = args.parts.split(",")
     out = {}
