@@ -64,7 +64,6 @@ def _batch_np(rows: int, length: int, completion: int, vocab: int):
 def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     from jrlhf.algorithms import dpo
@@ -204,9 +203,7 @@ def run_jax(args) -> dict:
 
 
 def run_torch(args) -> dict:
-    import numpy as np
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     parts = args.parts.split(",")
