@@ -85,6 +85,15 @@ def run_jrlhf(cfg, steps: int, warmup: int) -> dict:
     cfg.data.eval_prompts = None
     cfg.data.eval = None
     cfg.data.max_eval_examples = 1  # the final evaluation (on one held-out pair) is not what is measured here
+    import jax
+
+    compiles = []  # (event, seconds) of jax's trace / lowering / XLA compile events during the run
+
+    def listener(event, duration, **kwargs):
+        if event.startswith("/jax/core/compile/"):
+            compiles.append((event, duration))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
     start = time.perf_counter()
     jrlhf.train(cfg)
     total = time.perf_counter() - start
@@ -101,6 +110,9 @@ def run_jrlhf(cfg, steps: int, warmup: int) -> dict:
     # the first record's interval starts at the loop's start, which is not logged: leave step 1 out
     return _summary("jrlhf", cfg.algorithm, times, tokens, max(warmup - 1, 0),
                     {"total_s": round(total, 1), "note": "step 1 (with its compilation) is not in the list",
+                     "compile_s_total": round(sum(d for _, d in compiles), 1),
+                     "xla_compiles_over_1s": [round(d, 1) for e, d in compiles
+                                              if e.endswith("backend_compile_duration") and d > 1.0],
                      "reward_mean": [r.get("reward") for r in records]})
 
 

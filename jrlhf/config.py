@@ -58,6 +58,10 @@ class DataSection:
     ``drop``: records with a missing or empty field) apply to the training and the held-out records alike.
     ``eval_batch_size`` is the number of held-out records per evaluation batch; scoring passes lower it so that a
     batch holds at most ``eval_max_tokens`` padded tokens (both sides of a pair counted).
+    Training batches are padded to a length bucket (one compilation per bucket): ``buckets`` lists them
+    explicitly; otherwise powers of two up to ``max_length`` (the default), or with ``pad_to_multiple_of: N`` powers
+    of two below ``N``, then multiples of ``N`` (:func:`jrlhf.data.length_buckets`; 64 pads the HH recipe's batches
+    to 428 tokens on average instead of 495, at a few more compilations).
     ``eval_stop_token_ids``: token ids that end a generated eval completion, besides every EOS id of the model's
     ``config.json`` / ``generation_config.json`` and the tokenizer's (:func:`jrlhf.evaluation.run_stop_token_ids`).
     ``eval_holdout`` > 0 holds the last ``eval_holdout`` records of ``train`` out of training and evaluates on them
@@ -83,6 +87,7 @@ class DataSection:
     invalid_records: str = "error"
     eval_max_tokens: int = 16384
     buckets: tuple = ()
+    pad_to_multiple_of: int | None = None
     packing: bool = False
     shuffle: bool = True
     max_eval_examples: int | None = None
@@ -99,6 +104,12 @@ class DataSection:
         for key in ("batch_size", "eval_batch_size", "eval_max_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        p = self.pad_to_multiple_of
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ConfigError(f"data.pad_to_multiple_of={p!r} must be a positive int or null (powers of two)")
+        if p is not None and self.buckets:
+            raise ConfigError("data.pad_to_multiple_of and data.buckets both set: give one bucket rule "
+                              "(explicit buckets, or multiples of pad_to_multiple_of)")
 
 
 @dataclass

@@ -154,6 +154,7 @@ def _make_iterator(cfg: RunConfig, setup, tokenizer, kind: str):
     max_length = d.max_prompt_length if kind == "prompt" else d.max_length
     return make_batch_iterator(setup.train_data, d.batch_size, pad_id=tokenizer.pad_token_id,
                                max_length=max_length, buckets=d.buckets or None,
+                               pad_to_multiple_of=d.pad_to_multiple_of,
                                packing=d.packing and kind == "sft", **common)
 
 

@@ -350,6 +350,36 @@ def test_buckets_bound_the_compiled_shapes(tok):
     assert {t for _, t in shapes} <= {16, 32, 64, 100} and len(shapes) <= 4
 
 
+def test_pad_to_multiple_of_buckets(tok):
+    # written out: powers of two below 64, then 64, 128, ..., 448 below max_length, then max_length
+    assert data.length_buckets(512, pad_to_multiple_of=64) == (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+    assert data.length_buckets(500, pad_to_multiple_of=100) == (16, 32, 64, 100, 200, 300, 400, 500)
+    assert data.length_buckets(40, pad_to_multiple_of=8) == (16, 24, 32, 40)
+    assert data.length_buckets(512) == (16, 32, 64, 128, 256, 512)  # the default is unchanged
+    assert data.bucket_length(411, data.length_buckets(512, pad_to_multiple_of=64)) == 448
+    for bad in (0, -64):
+        with pytest.raises(DataError, match="pad_to_multiple_of"):
+            data.length_buckets(512, pad_to_multiple_of=bad)
+    rng = np.random.default_rng(0)
+    records = [{"prompt": "1=", "completion": "x" * int(n)} for n in rng.integers(1, 95, size=200)]
+    out = data.tokenize_sft(records, tok, max_length=100)
+    iterator = data.make_batch_iterator(out, 8, pad_id=0, max_length=100, seed=1, process_index=0,
+                                        process_count=1, pad_to_multiple_of=24)
+    lengths = {next(iterator)["input_ids"].shape[1] for _ in range(3 * len(iterator))}
+    assert lengths <= {16, 24, 48, 72, 96, 100} and lengths & {72, 96}
+
+
+def test_pad_to_multiple_of_config_errors():
+    from jrlhf.config import ConfigError, DataSection
+
+    assert DataSection(pad_to_multiple_of=64).pad_to_multiple_of == 64
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=r"^data.pad_to_multiple_of="):
+            DataSection(pad_to_multiple_of=bad)
+    with pytest.raises(ConfigError, match="both set"):
+        DataSection(pad_to_multiple_of=64, buckets=(128, 256))
+
+
 def _sft_data(tok, count=23):
     records = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(count)]
     return data.tokenize_sft(records, tok)

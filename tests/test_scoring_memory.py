@@ -81,6 +81,8 @@ def passes():
     def make(chunk):
         dpo_cfg = dpo.Config(logprob_chunk_size=chunk)
         dpo_loss = dpo.make_loss_fn(lm_model, dpo_cfg)
+        rpo_loss = dpo.make_loss_fn(lm_model, dpo.Config(logprob_chunk_size=chunk, rpo_alpha=0.5))
+        orpo_loss = dpo.make_loss_fn(lm_model, dpo.Config(logprob_chunk_size=chunk, loss_type="orpo"))
         sft_loss = sft.make_loss_fn(lm_model, sft.Config(logprob_chunk_size=chunk))
         rm_loss = reward.make_loss_fn(rm_model, reward.Config(lm_loss_coefficient=1.0, logprob_chunk_size=chunk))
         pctx = ctx_for(pref, base.preference_globals)
@@ -91,6 +93,9 @@ def passes():
                 dpo._policy_logps(lm_model, p, pref, dpo_cfg)[0]))), lm_params),
             "dpo reference log-probs": (lambda p: jnp.sum(jnp.stack(dpo.reference_logps(
                 lm_model, p, pref, dpo_cfg))), lm_params),
+            "dpo loss with the RPO NLL term": (lambda p: rpo_loss(p, pref, frozen, pctx)[0], lm_params),
+            "orpo loss (NLL over the whole chosen sequence)": (lambda p: orpo_loss(p, pref, None, pctx)[0],
+                                                               lm_params),
             "sft loss": (lambda p: sft_loss(p, plain, None, ctx_for(plain))[0], lm_params),
             "reward model LM regulariser": (lambda p: rm_loss(p, pref, None, pctx)[0], rm_params),
         }
@@ -135,3 +140,57 @@ def test_default_budget_keeps_full_logits_for_small_vocabularies():
     make = passes()
     fn, params = make("auto")["dpo loss (policy + reference)"]
     assert vocab_blocks(jax.make_jaxpr(fn)(params).jaxpr)  # [4, 15, 1000] f32 = 240 KB < 256 MiB: fused path
+
+
+def _numpy_log_softmax_at(hidden, weight, targets, temperature):
+    logits = np.einsum("bth,vh->btv", hidden.astype(np.float64), weight.astype(np.float64)) / temperature
+    top = logits.max(-1, keepdims=True)
+    log_norm = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+    return np.take_along_axis(logits, targets[..., None], -1)[..., 0] - log_norm
+
+
+@pytest.mark.parametrize("tile", [1, 3, 8, 64])
+def test_selected_token_logprobs_against_numpy(tile):
+    """Values against the log-softmax written out in numpy (0 off the mask); gradients against autodiff of the
+    full-logits formula; tiles that do not divide the marked count, a temperature, and an empty mask."""
+    from jrlhf.models import selected_token_logprobs
+
+    rng = np.random.default_rng(1)
+    b, t, h, v = 3, 9, 6, 41
+    hidden = rng.normal(size=(b, t, h)).astype(np.float32)
+    weight = rng.normal(size=(v, h)).astype(np.float32)
+    targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+    where = rng.random((b, t)) < 0.45
+    cot = rng.normal(size=(b, t)).astype(np.float32)
+
+    got = selected_token_logprobs(jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(targets),
+                                  jnp.asarray(where), tile=tile, temperature=0.7)
+    want = np.where(where, _numpy_log_softmax_at(hidden, weight, targets, 0.7), 0.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+    def full(hd, w):
+        logits = jnp.einsum("bth,vh->btv", hd, w) / 0.7
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(targets)[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(jnp.asarray(where), picked, 0.0) * cot)
+
+    def tiled(hd, w):
+        return jnp.sum(selected_token_logprobs(hd, w, jnp.asarray(targets), jnp.asarray(where), tile=tile,
+                                               temperature=0.7) * cot)
+
+    args = (jnp.asarray(hidden), jnp.asarray(weight))
+    for g, w in zip(jax.jit(jax.grad(tiled, argnums=(0, 1)))(*args), jax.grad(full, argnums=(0, 1))(*args)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    none = np.zeros((b, t), bool)
+    value, grads = jax.value_and_grad(
+        lambda hd: jnp.sum(selected_token_logprobs(hd, args[1], jnp.asarray(targets), jnp.asarray(none), tile)))(
+        args[0])
+    assert float(value) == 0.0 and not np.any(np.asarray(grads))
+
+
+def test_selection_tile_fits_the_budget():
+    # 256 MiB / (49,152 x 4 bytes) = 1,365 positions fit; capped at SELECTION_TILE (256) so the part-empty last
+    # tile wastes little; a 1 MiB budget gives 1,048,576 / 196,608 = 5 -> the floor of 8
+    assert base.selection_tile(49152) == base.SELECTION_TILE == 256
+    assert base.selection_tile(49152, budget_bytes=2**20) == 8
+    assert base.selection_tile(1000, budget_bytes=32 * 1024) == 8
+    assert base.selection_tile(151936, budget_bytes=100 * 151936 * 4) == 100

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jrlhf import losses
 from jrlhf.errors import JrlhfError
-from jrlhf.models import model_token_logprobs, sequence_scores
+from jrlhf.models import model_token_logprobs, selected_token_logprobs, sequence_scores, unembedding_matrix
 
 
 class AlgorithmInputError(JrlhfError, ValueError):
@@ -232,6 +232,9 @@ vocabulary). Backward passes hold a few blocks of this size (logits, softmax, th
 
 MIN_CHUNK = 128
 
+SELECTION_TILE = 256
+"""Largest position tile of the ``"auto"`` completion-only log-prob pass (:func:`selection_tile`)."""
+
 
 def check_chunk_setting(value, key: str = "algo.logprob_chunk_size") -> None:
     """Raises :class:`jrlhf.config.ConfigError` unless ``value`` is ``"auto"``, ``None`` or a positive int."""
@@ -269,30 +272,52 @@ def resolve_chunk_size(setting, num_tokens: int, vocab_size: int, budget_bytes: 
 
 
 def completion_logps(model, params, input_ids, attention_mask, loss_mask, *, chunk_size="auto", positions=None,
-                     segment_ids=None):
+                     segment_ids=None, score_mask=None):
     """Summed and per-token log-probs of the target tokens of a right- or left-padded batch.
 
     Args:
       model, params: an LM-head model and its params.
       input_ids, attention_mask, loss_mask: ``[B, T]`` int (``loss_mask`` marks target tokens).
-      chunk_size: vocabulary chunk for the log-softmax: ``"auto"`` (default, :func:`resolve_chunk_size`: full logits
-        while ``[B, T - 1, V]`` float32 fits :data:`LOGITS_BUDGET_BYTES`, chunks otherwise), ``None`` (full logits)
-        or an int.
+      chunk_size: how the log-softmax over the vocabulary is computed: ``"auto"`` (default): full ``[B, T - 1, V]``
+        float32 logits while they fit :data:`LOGITS_BUDGET_BYTES`, otherwise only the positions ``score_mask``
+        marks, gathered into tiles of ``[tile, V]`` logits within the same budget
+        (:func:`jrlhf.models.selected_token_logprobs`: the vocabulary projection then costs what the completion
+        tokens need, not the prompt's); ``None``: full logits; an int: every position in vocabulary chunks of that
+        size (:func:`jrlhf.models.token_logprobs_from_hidden`).
+      score_mask: ``[B, T]`` the target tokens whose log-prob the caller reads (default ``loss_mask``); with
+        ``"auto"`` over the budget, ``token_logps`` is 0.0 at the other positions.
 
     Returns:
       ``(summed [B] f32, token_logps [B, T-1] f32, target_mask [B, T-1] bool)``; with an ``lm+value`` model also
       ``values [B, T]`` as a fourth element.
     """
     batch, length = input_ids.shape
+    setting = chunk_size
     chunk_size = resolve_chunk_size(chunk_size, batch * (length - 1), model.config.vocab_size)
-    out = model_token_logprobs(model, params, input_ids, attention_mask, positions=positions,
-                               segment_ids=segment_ids, chunk_size=chunk_size)
-    token_logps, values = (out if isinstance(out, tuple) else (out, None))
+    if setting == "auto" and chunk_size is not None:
+        score = loss_mask if score_mask is None else score_mask
+        hidden = model.apply(params, input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                             return_hidden=True)
+        hidden, values = hidden if model.head == "lm+value" else (hidden, None)
+        token_logps = selected_token_logprobs(hidden[:, :-1], unembedding_matrix(model, params), input_ids[:, 1:],
+                                              score[:, 1:] > 0, tile=selection_tile(model.config.vocab_size))
+    else:
+        out = model_token_logprobs(model, params, input_ids, attention_mask, positions=positions,
+                                   segment_ids=segment_ids, chunk_size=chunk_size)
+        token_logps, values = (out if isinstance(out, tuple) else (out, None))
     mask = loss_mask[:, 1:] > 0
     summed = losses.masked_sum(token_logps, mask, axis=-1)
     if values is None:
         return summed, token_logps, mask
     return summed, token_logps, mask, values
+
+
+def selection_tile(vocab_size: int, budget_bytes: int | None = None) -> int:
+    """Positions per tile of :func:`jrlhf.models.selected_token_logprobs` under ``"auto"``: the most whose
+    ``[tile, V]`` float32 logits fit ``budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`), at most
+    :data:`SELECTION_TILE` (the last tile is part-empty, so larger tiles waste work), at least 8."""
+    budget_bytes = LOGITS_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
+    return int(max(8, min(SELECTION_TILE, budget_bytes // (4 * int(vocab_size)))))
 
 
 def concat_pairs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:

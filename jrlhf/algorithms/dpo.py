@@ -80,9 +80,11 @@ class Config:
       bco_running_mean: for ``bco_pair``, use the running mean of the batch-mean rewards as δ (TRL <= 0.28).
       precompute_ref_log_probs: compute the reference log-probs once for the dataset before training.
       sync_ref_model: TR-DPO reference sync; ``ref_model_mixup_alpha`` α, every ``ref_model_sync_steps`` steps.
-      logprob_chunk_size: vocabulary chunk for the log-softmax of the policy, reference and evaluation passes:
-        ``"auto"`` (full logits while ``[2B, T, V]`` float32 fits :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`,
-        chunks sized to it otherwise), ``None`` (full logits) or an int.
+      logprob_chunk_size: how the policy, reference and evaluation passes compute the log-softmax over the
+        vocabulary: ``"auto"`` (full logits while ``[2B, T, V]`` float32 fits
+        :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`, otherwise the completion tokens only, in position tiles
+        within that budget: :func:`jrlhf.algorithms.base.completion_logps`), ``None`` (full logits) or an int
+        (every position, in vocabulary chunks of that size).
     """
 
     beta: float = 0.1
@@ -133,8 +135,10 @@ def check_config(algo: Config, num_microbatches: int = 1) -> None:
 
 def _policy_logps(model, params, batch, algo: Config):
     ids, attn, lmask = concat_pairs(batch)
+    # ORPO's NLL reads every real token of the chosen sequences; the other types the completion tokens only
     summed, token_logps, mask = completion_logps(model, params, ids, attn, lmask,
-                                                 chunk_size=algo.logprob_chunk_size)
+                                                 chunk_size=algo.logprob_chunk_size,
+                                                 score_mask=attn if algo.loss_type == "orpo" else None)
     if algo.ld_alpha is not None:
         lengths = jnp.sum(mask, axis=-1)
         half = ids.shape[0] // 2
@@ -341,7 +345,8 @@ def setup(run) -> AlgorithmSetup:
         from jrlhf.data import collate_preference, length_buckets
 
         base = functools.partial(collate_preference, pad_id=run.tokenizer.pad_token_id,
-                                 buckets=length_buckets(cfg.data.max_length, cfg.data.buckets or None))
+                                 buckets=length_buckets(cfg.data.max_length, cfg.data.buckets or None,
+                                                         pad_to_multiple_of=cfg.data.pad_to_multiple_of))
         collate = functools.partial(collate_with_reference, collate=base)
 
     pref_records = preference_eval_records(cfg.data)

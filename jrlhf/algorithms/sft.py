@@ -30,9 +30,10 @@ class Config:
     """SFT settings.
 
     Attributes:
-      logprob_chunk_size: vocabulary chunk for the log-softmax: ``"auto"`` (full logits while ``[B, T, V]`` float32
-        fits :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`, chunks sized to it otherwise), ``None`` (full
-        logits) or an int.
+      logprob_chunk_size: how the log-softmax over the vocabulary is computed: ``"auto"`` (full logits while
+        ``[B, T, V]`` float32 fits :data:`jrlhf.algorithms.base.LOGITS_BUDGET_BYTES`, otherwise the loss-mask
+        tokens only, in position tiles within that budget), ``None`` (full logits) or an int (every position, in
+        vocabulary chunks of that size).
     """
 
     logprob_chunk_size: int | str | None = "auto"

@@ -27,18 +27,27 @@ from jrlhf.data.sources import DataError
 # --------------------------------------------------------------------------------------------------- buckets
 
 
-def length_buckets(max_length: int | None, buckets=None, *, min_bucket: int = 16) -> tuple[int, ...]:
-    """The padded lengths a batch may take.
+def length_buckets(max_length: int | None, buckets=None, *, min_bucket: int = 16,
+                   pad_to_multiple_of: int | None = None) -> tuple[int, ...]:
+    """The padded lengths a batch may take (one compilation of a step per bucket a batch lands in).
 
     Args:
       max_length: the longest allowed sequence; always the last bucket. ``None``: unbounded powers of two.
       buckets: explicit bucket lengths (sorted, deduplicated, capped at ``max_length``); default: powers of two from
         ``min_bucket`` below ``max_length``, then ``max_length``.
       min_bucket: the smallest default bucket.
+      pad_to_multiple_of: with ``max_length`` and no ``buckets``: powers of two from ``min_bucket`` below it, then
+        its multiples below ``max_length``, then ``max_length`` (64 and 512: 16, 32, 64, 128, 192, ..., 448, 512;
+        the name is TRL's / transformers' collator option). Finer buckets pad less and compile more often.
 
     Returns:
       Increasing tuple of ints (empty only for ``max_length=None`` and no ``buckets``: powers of two then apply).
+
+    Raises:
+      DataError: a bucket or ``pad_to_multiple_of`` below 1.
     """
+    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or int(pad_to_multiple_of) < 1):
+        raise DataError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
     if buckets:
         values = sorted({int(b) for b in buckets})
         if values[0] < 1:
@@ -49,10 +58,16 @@ def length_buckets(max_length: int | None, buckets=None, *, min_bucket: int = 16
     if max_length is None:
         return ()
     values, length = [], min_bucket
-    while length < max_length:
+    while length < max_length and (pad_to_multiple_of is None or length < pad_to_multiple_of):
         values.append(length)
         length *= 2
-    return tuple(values + [max_length])
+    if pad_to_multiple_of is not None:
+        length = int(pad_to_multiple_of)
+        while length < max_length:
+            if length >= min_bucket:
+                values.append(length)
+            length += int(pad_to_multiple_of)
+    return tuple(sorted(set(values)) + [max_length])
 
 
 def bucket_length(length: int, buckets: tuple[int, ...]) -> int:
@@ -408,6 +423,7 @@ def make_batch_iterator(
     max_length: int | None = None,
     buckets=None,
     packing: bool = False,
+    pad_to_multiple_of: int | None = None,
     **iterator_kwargs: Any,
 ) -> BatchIterator:
     """A :class:`BatchIterator` over :class:`jrlhf.data.TokenizedData`, collated by its kind.
@@ -418,6 +434,7 @@ def make_batch_iterator(
       pad_id: padding id (``tokenizer.pad_token_id``).
       max_length: the largest bucket (prompts: the largest prompt length); default the longest example.
       buckets: explicit bucket lengths (see :func:`length_buckets`).
+      pad_to_multiple_of: the bucket rule of :func:`length_buckets` when ``buckets`` is not given.
       packing: SFT only: pack examples into rows of exactly ``max_length`` tokens (adds ``segment_ids``,
         ``positions``).
       **iterator_kwargs: ``seed``, ``shuffle``, ``drop_remainder``, ``num_epochs``, ``process_index``,
@@ -438,5 +455,6 @@ def make_batch_iterator(
         examples = pack_examples(examples, max_length)
         collate = functools.partial(collate, pad_id=pad_id, length=max_length)
     else:
-        collate = functools.partial(collate, pad_id=pad_id, buckets=length_buckets(max_length, buckets))
+        collate = functools.partial(collate, pad_id=pad_id, buckets=length_buckets(
+            max_length, buckets, pad_to_multiple_of=pad_to_multiple_of))
     return BatchIterator(examples, batch_size, collate, **iterator_kwargs)

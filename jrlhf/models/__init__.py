@@ -8,8 +8,8 @@ cache and HF checkpoint loading and saving.
 
 from jrlhf.models.checkpoint import from_pretrained, hf_state_dict, read_hf_config, save_pretrained
 from jrlhf.models.config import FAMILIES, HEADS, ModelConfig, tiny_config
-from jrlhf.models.logprobs import (logits_from_hidden, model_token_logprobs, token_logprobs_from_hidden,
-                                   token_logprobs_from_logits, unembedding_matrix)
+from jrlhf.models.logprobs import (logits_from_hidden, model_token_logprobs, selected_token_logprobs,
+                                   token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix)
 from jrlhf.models.transformer import (CausalLM, KVCache, ScalarHeadModel, abstract_params, build_model, init_cache,
                                       init_model, logical_axes, sequence_scores)
 from jrlhf.models.weights import FAMILY_WEIGHTS, WeightRule
@@ -20,5 +20,5 @@ __all__ = [
     "logical_axes", "sequence_scores",
     "from_pretrained", "save_pretrained", "hf_state_dict", "read_hf_config",
     "token_logprobs_from_hidden", "token_logprobs_from_logits", "model_token_logprobs", "unembedding_matrix",
-    "logits_from_hidden",
+    "logits_from_hidden", "selected_token_logprobs",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -70,6 +71,108 @@ def token_logprobs_from_hidden(hidden: Array, unembedding: Array, targets: Array
     target_rows = jnp.take(weight, targets, axis=0, mode="clip")
     target_logits = jnp.einsum("bth,bth->bt", hidden.astype(jnp.float32), target_rows.astype(jnp.float32))
     return target_logits * inv_temp - log_normaliser
+
+
+def _tile_rows(idx, count, i, tile, total):
+    """Rows of position tile ``i``: ``(rows [tile] to gather, clipped; rows_out [tile], ``total`` past the end for
+    the slots beyond ``count`` so that scatters drop them; valid [tile] bool)."""
+    rows = lax.dynamic_slice_in_dim(idx, i * tile, tile)
+    valid = (i * tile + jnp.arange(tile)) < count
+    return rows, jnp.where(valid, rows, total), valid
+
+
+def _tile_logits(h, weight, rows, inv_temp):
+    return dense_transposed(jnp.take(h, rows, axis=0), weight, out_dtype=jnp.float32) * inv_temp
+
+
+def _positions(where, tile):
+    """Flat indices of the ``True`` entries of ``where [M]`` (ascending, padded to a whole number of tiles) and
+    their count."""
+    total = where.shape[0]
+    count = jnp.sum(where.astype(jnp.int32))
+    idx = jnp.nonzero(where, size=total, fill_value=0)[0].astype(jnp.int32)
+    padded = -(-total // tile) * tile
+    return jnp.pad(idx, (0, padded - total)), count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _selected_logprobs(h, weight, targets, where, tile, temperature):
+    return _selected_logprobs_fwd(h, weight, targets, where, tile, temperature)[0]
+
+
+def _selected_logprobs_fwd(h, weight, targets, where, tile, temperature):
+    total = h.shape[0]
+    inv_temp = jnp.float32(1.0 / temperature)
+    idx, count = _positions(where, tile)
+
+    def body(i, carry):
+        out, lse_all = carry
+        rows, rows_out, _ = _tile_rows(idx, count, i, tile, total)
+        logits = _tile_logits(h, weight, rows, inv_temp)
+        top = lax.stop_gradient(jnp.max(logits, axis=-1))
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+        picked = jnp.take_along_axis(logits, jnp.take(targets, rows)[:, None], axis=-1)[:, 0]
+        out = out.at[rows_out].set(picked - lse, mode="drop")
+        return out, lse_all.at[rows_out].set(lse, mode="drop")
+
+    zeros = jnp.zeros((total,), jnp.float32)
+    out, lse_all = lax.fori_loop(0, -(-count // tile), body, (zeros, zeros))
+    return out, (h, weight, targets, idx, count, lse_all)
+
+
+def _selected_logprobs_bwd(tile, temperature, residuals, d_out):
+    h, weight, targets, idx, count, lse_all = residuals
+    total, vocab = h.shape[0], weight.shape[0]
+    inv_temp = jnp.float32(1.0 / temperature)
+
+    def body(i, carry):
+        d_h, d_w = carry
+        rows, rows_out, valid = _tile_rows(idx, count, i, tile, total)
+        g = jnp.where(valid, jnp.take(d_out, rows), 0.0)
+        probs = jnp.exp(_tile_logits(h, weight, rows, inv_temp) - jnp.take(lse_all, rows)[:, None])
+        # d logp[target] / d logits = onehot(target) - softmax, times 1/temperature
+        hit = jnp.arange(vocab)[None, :] == jnp.take(targets, rows)[:, None]
+        d_logits = (g[:, None] * (jnp.where(hit, 1.0, 0.0) - probs) * inv_temp).astype(h.dtype)
+        d_rows = lax.dot_general(d_logits, weight, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        d_h = d_h.at[rows_out].add(d_rows, mode="drop")
+        d_w = d_w + lax.dot_general(d_logits, jnp.take(h, rows, axis=0), (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        return d_h, d_w
+
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(weight.shape, jnp.float32))
+    d_h, d_w = lax.fori_loop(0, -(-count // tile), body, init)
+    return d_h.astype(h.dtype), d_w.astype(weight.dtype), None, None
+
+
+_selected_logprobs.defvjp(_selected_logprobs_fwd, _selected_logprobs_bwd)
+
+
+def selected_token_logprobs(hidden: Array, unembedding: Array, targets: Array, where: Array, tile: int = 256,
+                            temperature: float = 1.0) -> Array:
+    """``log softmax(hidden @ unembedding.T / temperature)[targets]`` at the positions ``where`` marks only.
+
+    hidden ``[B, T, H]`` (any float dtype; matmuls run in it with float32 accumulation), unembedding ``[V, H]``,
+    targets ``[B, T]`` int in ``[0, V)``, where ``[B, T]`` bool -> ``[B, T]`` float32, 0.0 where ``where`` is
+    False. The marked positions are gathered into tiles of ``tile`` rows and each tile's ``[tile, V]`` float32
+    logits are projected, normalised and dropped (a loop whose trip count is ``ceil(count / tile)``, so the work
+    follows the number of marked positions, not ``B * T``: a preference loss needs the completion tokens only,
+    TRL 1.16's fused LM head likewise projects only labelled positions). The backward pass (hand-written) recomputes
+    each tile's logits from the saved per-position log-normaliser, so memory is ``O(tile * V + B * T * H)``.
+    Differentiable in ``hidden`` and ``unembedding``.
+    """
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or where.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, T, H] and targets, where [B, T]; got {hidden.shape}, "
+                         f"{targets.shape} and {where.shape}")
+    if unembedding.ndim != 2 or unembedding.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"unembedding must be [V, H={hidden.shape[-1]}], got {unembedding.shape}")
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    B, T, H = hidden.shape
+    vocab = unembedding.shape[0]
+    flat_targets = jnp.clip(targets.reshape(-1).astype(jnp.int32), 0, vocab - 1)
+    out = _selected_logprobs(hidden.reshape(B * T, H), unembedding.astype(hidden.dtype), flat_targets,
+                             where.reshape(-1).astype(bool), int(min(tile, B * T)), float(temperature))
+    return out.reshape(B, T)
 
 
 def token_logprobs_from_logits(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
