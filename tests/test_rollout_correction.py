@@ -394,7 +394,7 @@ def test_dynamic_sampling_limit_fills_with_no_loss_groups():
     def constant(prompts, completions, completion_ids, **record_fields):
         return [1.0] * len(completions)
 
-    config = grpo.Config(num_generations=2, max_completion_length=3, reward_funcs=(constant,),
+    config = grpo.Config(num_generations=4, max_completion_length=3, reward_funcs=(constant,),
                          dynamic_sampling=True, max_num_gen_batches=2)
     tokenizer, model, algo, state, update = _setup(config)
     records = load_records("builtin:addition/rl_prompts.jsonl")
@@ -414,7 +414,7 @@ def test_yaml_run_with_the_new_options(tmp_path):
     run_dir = tmp_path / "run"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in load_records("builtin:addition/rl_prompts.jsonl")[:64]))
-    config = {"algorithm": "grpo", "model": {"family": "llama", "overrides": dict(TINY_MODEL, dtype="bfloat16")},
+    config = {"algorithm": "grpo", "model": {"family": "llama", "dtype": "bfloat16", "overrides": dict(TINY_MODEL)},
               "data": {"train": str(prompts), "batch_size": 4, "max_prompt_length": 12, "shuffle": False},
               "optim": {"learning_rate": 1e-3},
               "train": {"output_dir": str(run_dir), "steps": 2, "seed": 0, "log_every": 1, "progress_bar": False,
