@@ -435,7 +435,10 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
             host_metrics = {}
             if setup.onpolicy is not None:
                 rng = jax.random.fold_in(collect_rng, step)
-                device_batch, host_metrics, samples = setup.onpolicy.collect(state, host_batch, frozen, rng)
+                extra = {}
+                if getattr(cfg.algo, "dynamic_sampling", False):  # more prompt batches for dropped groups
+                    extra["next_prompts"] = lambda: next(iterator)
+                device_batch, host_metrics, samples = setup.onpolicy.collect(state, host_batch, frozen, rng, **extra)
                 tokens = int(host_metrics.pop("_num_tokens", count_tokens(host_batch)))
                 if samples and t.log_every and (step + 1) % t.log_every == 0:
                     writer.write_text(step + 1, "completions", samples)

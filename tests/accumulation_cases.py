@@ -78,6 +78,8 @@ def _rollout_batch(model, params, seed=2):
         "old_logps": (logps + noise()) * comp_mask, "ref_logps": (logps + noise()) * comp_mask,
         "old_values": rng.standard_normal((ROWS, COMPLETION)).astype(np.float32) * comp_mask,
         "scores": SCORES.copy(), "truncated": (ROLLOUT_LENGTHS == COMPLETION).astype(np.int32),
+        # the sampler's log-probs for the rollout correction: far enough from old_logps that the caps bite
+        "sampler_logps": (logps + 3.0 * noise()) * comp_mask,
     }
 
 
@@ -101,6 +103,13 @@ GRPO_CASES = [
     dict(loss_type="dr_grpo", scale_rewards="none", delta=1.5), dict(loss_type="dapo", epsilon_high=0.28),
     dict(loss_type="dapo", importance_sampling_level="sequence"), dict(loss_type="cispo", epsilon_high=5.0),
     dict(loss_type="sapo"), dict(loss_type="luspo"),
+    # the rollout correction: weights, and drops that change every count
+    dict(loss_type="dapo", vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate"),
+    dict(loss_type="grpo", vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_mask"),
+    dict(loss_type="bnpo", vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="sequence_mask",
+         vllm_importance_sampling_clip_min=0.2),  # drops rows 0, 2, 5 and 7 of the batch below
+    dict(loss_type="dr_grpo", vllm_importance_sampling_correction=True,
+         vllm_importance_sampling_mode="sequence_truncate"),
 ]
 CASES = (
     [("dpo", c) for c in DPO_CASES]

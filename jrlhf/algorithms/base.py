@@ -160,7 +160,8 @@ class OnPolicy:
     """The on-policy part: how one iteration collects a rollout batch.
 
     ``collect(state, prompt_batch, frozen, rng) -> (rollout_batch dict of arrays, host metrics dict, samples)``
-    runs generation and rewards; the loop then runs the compiled update
+    runs generation and rewards (with ``algo.dynamic_sampling`` the loop also passes ``next_prompts``, a callable
+    giving the next prompt batch of the data stream, so the data position after the step counts them); the loop then runs the compiled update
     (``num_epochs`` x ``num_minibatches``) on the rollout batch.
     """
 

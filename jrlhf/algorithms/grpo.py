@@ -54,6 +54,15 @@ class Config(onpolicy.RolloutConfig):
       importance_sampling_level: ``token`` or ``sequence`` (GSPO).
       sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures.
       use_bias_correction_kl: multiply the KL term by the importance ratio.
+      top_entropy_quantile: ρ of "Beyond the 80/20 Rule" (TRL's name and default 1.0 = off): only the tokens whose
+        entropy is at least the ``1 - ρ`` quantile of the micro-batch's trained tokens' entropies keep their policy
+        term (:func:`jrlhf.losses.high_entropy_mask`; the KL term and every count are unchanged, as in TRL). The
+        quantile is over the micro-batch the loss sees (TRL: per accumulation step), so with
+        ``train.num_microbatches > 1`` it is a micro-batch quantile; logs ``entropy/threshold_kept_frac``.
+
+    The rollout-correction settings (``vllm_importance_sampling_*``) and dynamic sampling are those of
+    :class:`jrlhf.algorithms.onpolicy.RolloutConfig`; with the correction on, each token's policy term is
+    multiplied by ``is_weights`` (:func:`jrlhf.algorithms.onpolicy.apply_rollout_correction`).
     """
 
     num_generations: int = 8
@@ -69,6 +78,7 @@ class Config(onpolicy.RolloutConfig):
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     use_bias_correction_kl: bool = True
+    top_entropy_quantile: float = 1.0
 
 
 def head(cfg) -> str:
@@ -97,6 +107,8 @@ def check_algo(algo: Config) -> None:
             raise ConfigError(f"algo.{key}={value!r}: must be a positive integer")
     if algo.beta < 0:
         raise ConfigError(f"algo.beta={algo.beta}: must be >= 0")
+    if not 0.0 <= algo.top_entropy_quantile <= 1.0:
+        raise ConfigError(f"algo.top_entropy_quantile={algo.top_entropy_quantile}: must be in [0, 1] (1 = off)")
 
 
 def advantages(scores, algo: Config):
@@ -114,6 +126,7 @@ def make_prepare_batch(algo: Config, model=None):
         if algo.beta != 0.0:
             batch = onpolicy.with_reference_logps(batch, frozen, model, algo, "grpo")
         batch = onpolicy.drop_unscorable(batch)
+        batch = onpolicy.apply_rollout_correction(batch, algo)
         batch["advantages"] = advantages(batch["scores"], algo)
         return batch, onpolicy.sequence_globals(batch, steps)
 
@@ -135,16 +148,27 @@ def policy_loss(logps, batch, algo: Config, ctx, num_microbatches: int = 1, entr
         normalizer = ctx.globals["num_sequences"] * n
     elif algo.loss_type in ("dapo", "cispo"):
         normalizer = jnp.maximum(ctx.globals["tokens_per_minibatch"], 1.0)
+    token_weights = batch.get("is_weights")
+    kept_entropy = None
+    if algo.top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise ValueError("grpo: top_entropy_quantile < 1 needs the token entropies of the policy forward")
+        kept_entropy = losses.high_entropy_mask(entropies, mask, algo.top_entropy_quantile)
+        entropy_weights = kept_entropy.astype(jnp.float32)
+        token_weights = entropy_weights if token_weights is None else token_weights * entropy_weights
     loss, metrics = losses.grpo_loss(
         logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
         beta=algo.beta, epsilon_low=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
         max_completion_length=n, importance_sampling_level=algo.importance_sampling_level, delta=algo.delta,
         sapo_temperature_pos=algo.sapo_temperature_pos, sapo_temperature_neg=algo.sapo_temperature_neg,
-        kl_importance_correction=algo.use_bias_correction_kl, entropies=entropies, normalizer=normalizer)
+        kl_importance_correction=algo.use_bias_correction_kl, token_weights=token_weights, entropies=entropies,
+        normalizer=normalizer)
+    if kept_entropy is not None:
+        metrics["entropy/threshold_kept_frac"] = losses.masked_mean(kept_entropy.astype(jnp.float32), mask)
     # token-mean metrics of this micro-batch -> exact batch means once averaged over micro-batches (the clip ratios
     # are per-sequence means with GSPO's sequence-level ratio, already exact)
     share = microbatch_share(jnp.sum(mask), ctx)
-    token_level = {"kl", "entropy"}
+    token_level = {"kl", "entropy", "entropy/threshold_kept_frac"}
     if algo.importance_sampling_level == "token":
         token_level |= {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"}
     return loss, {k: v * share if k in token_level else v for k, v in metrics.items()}

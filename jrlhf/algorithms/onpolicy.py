@@ -34,6 +34,7 @@ comes from the logits at position ``P + j - 1``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
@@ -47,8 +48,8 @@ from jrlhf import distributed, losses, sampling
 from jrlhf.algorithms.base import Algorithm, AlgorithmInputError, check_fields
 from jrlhf.config import ConfigError
 from jrlhf.evaluation import run_stop_token_ids
-from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_logprobs_from_hidden,
-                          token_logprobs_from_logits, unembedding_matrix)
+from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_entropy_from_hidden,
+                          token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix)
 from jrlhf.sharding import BATCH_AXES, mesh_axis_size, put_global
 
 DATA_KIND = "prompt"
@@ -83,12 +84,27 @@ class RolloutConfig:
         ``None``: all 1.
       reward_model: local Hugging Face directory of a jrlhf reward model (``jrlhf train reward``); its score of the
         whole sequence at the last real token is one more reward source, logged as ``rewards/reward_model/mean``.
-      logprob_chunk_size: vocabulary chunk for the log-softmax (``None``: full logits; with a chunk the ``entropy``
-        metric is not computed).
+      logprob_chunk_size: vocabulary chunk for the log-softmax and the entropies (``None``: full logits).
       num_completions_to_print: completions written to the run's samples log every ``train.log_every`` steps.
       reference_logps: where the reference log-probs are computed: ``"rollout"`` (once, by :func:`rollout`, stored
         in ``RolloutBatch.ref_logps``) or ``"update"`` (inside the compiled update's ``prepare_batch``, from
         ``frozen.ref_params``; the rollout then needs no reference params). Same numbers either way.
+      vllm_importance_sampling_correction: correct for the sampler/trainer mismatch (TRL's name; here the sampler
+        is jrlhf's KV-cache decode): the rollout's ``old_logps`` become the trainer's recomputed log-probs and the
+        sampler's are kept as ``sampler_logps``; the policy loss is weighted (or masked) by their ratio
+        (:func:`jrlhf.losses.rollout_importance_weights`). Off by default: ``old_logps`` are the sampler's. The
+        mismatch metrics (``sampling/*``) are logged either way.
+      vllm_importance_sampling_mode: ``token_truncate``, ``token_mask``, ``sequence_truncate`` or ``sequence_mask``
+        (TRL 1.16's names and default).
+      vllm_importance_sampling_clip_max: the cap ``C`` (TRL's default 3; ``None``: no upper bound, mask modes only);
+        also the bound of the ``frac_outside`` metric (``[1 / C, C]`` unless ``clip_min`` is set; ``C = 3`` when
+        ``None``).
+      vllm_importance_sampling_clip_min: the lower bound (default none).
+      dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all agree (zero std: no advantage) are dropped
+        and further prompt batches are generated until the batch holds ``B`` groups with signal
+        (:func:`dynamic_rollout`; needs ``num_generations >= 2``).
+      max_num_gen_batches: the most generation rounds one batch may take (verl's name; the first round counts);
+        slots still empty after that get the dropped groups back with their score set to NaN (no loss, no count).
     """
 
     num_generations: int = 8
@@ -105,6 +121,12 @@ class RolloutConfig:
     num_completions_to_print: int = 4
     min_new_tokens: int = 0
     reference_logps: str = "rollout"
+    vllm_importance_sampling_correction: bool = False
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    dynamic_sampling: bool = False
+    max_num_gen_batches: int = 10
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -147,10 +169,30 @@ def check_rollout_settings(algo, *, min_generations: int = 1, max_completion_len
     if algo.reference_logps not in REFERENCE_LOGPS:
         raise ConfigError(f"algo.reference_logps={algo.reference_logps!r}: use 'rollout' (computed by the rollout) "
                           "or 'update' (computed inside the compiled update from frozen.ref_params)")
+    check_correction_settings(algo)
+    if algo.dynamic_sampling and algo.num_generations < 2:
+        raise ConfigError(f"algo.dynamic_sampling needs groups: num_generations={algo.num_generations} (>= 2)")
+    if not isinstance(algo.max_num_gen_batches, int) or algo.max_num_gen_batches < 1:
+        raise ConfigError(f"algo.max_num_gen_batches={algo.max_num_gen_batches!r}: must be an int >= 1 (generation "
+                          "rounds per batch, the first included)")
     sources = len(algo.reward_funcs) + (1 if algo.reward_model else 0)
     if algo.reward_weights is not None and sources and len(algo.reward_weights) != sources:
         raise ConfigError(f"algo.reward_weights has {len(algo.reward_weights)} entries for {sources} reward "
                           "source(s) (the reward_funcs in order, then the reward_model)")
+
+
+def check_correction_settings(algo) -> None:
+    """Rejects rollout-correction settings that cannot work (:class:`jrlhf.config.ConfigError` naming the key)."""
+    mode = algo.vllm_importance_sampling_mode
+    if mode not in losses.IS_MODES:
+        raise ConfigError(f"algo.vllm_importance_sampling_mode={mode!r}: use one of {', '.join(losses.IS_MODES)}")
+    high, low = algo.vllm_importance_sampling_clip_max, algo.vllm_importance_sampling_clip_min
+    if high is None and mode.endswith("_truncate"):
+        raise ConfigError(f"algo.vllm_importance_sampling_clip_max=None: {mode} needs the cap C (TRL's default 3.0)")
+    if high is not None and not high > 0 or low is not None and not low >= 0 or (
+            high is not None and low is not None and low > high):
+        raise ConfigError(f"algo.vllm_importance_sampling_clip_min={low} / clip_max={high}: need 0 <= clip_min <= "
+                          "clip_max, clip_max > 0")
 
 
 def check_rollout_config(run, *, min_generations: int = 1) -> None:
@@ -263,7 +305,8 @@ def completion_forward(model, params, input_ids, attention_mask, num_completion_
       num_completion_tokens: ``N`` (static).
       temperature: the logits are divided by it (the sampling temperature).
       chunk_size: vocabulary chunk for the log-softmax (``None``: full logits).
-      with_entropy: also return the token entropies of ``softmax(logits / temperature)`` (full logits only).
+      with_entropy: also return the token entropies of ``softmax(logits / temperature)`` (with a chunk, computed
+        over vocabulary chunks by :func:`jrlhf.models.token_entropy_from_hidden`: never ``[B, N, V]`` float32).
 
     Returns:
       ``(logps [B, N] f32, entropies [B, N] f32 or None, values [B, N] f32 or None)``; ``values`` (``lm+value``
@@ -285,6 +328,8 @@ def completion_forward(model, params, input_ids, attention_mask, num_completion_
     else:
         logps = token_logprobs_from_hidden(hidden, unembedding_matrix(model, params), targets, chunk_size,
                                            temperature)
+        if with_entropy:
+            entropies = token_entropy_from_hidden(hidden, unembedding_matrix(model, params), chunk_size, temperature)
     if values is not None:
         values = values[:, start:-1].astype(jnp.float32)
     return logps, entropies, values
@@ -323,6 +368,41 @@ def drop_unscorable(batch: dict) -> dict:
     scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
     batch["loss_mask"] = batch["loss_mask"] * scorable[:, None].astype(batch["loss_mask"].dtype)
     batch["sequence_mask"] = scorable.astype(jnp.int32)
+    return batch
+
+
+def apply_rollout_correction(batch: dict, config) -> dict:
+    """A copy of a (prepared) rollout batch with the rollout correction of ``config`` applied, once per rollout
+    inside the compiled update, before the batch-global counts are taken (a no-op with
+    ``vllm_importance_sampling_correction`` off):
+
+    * ``is_weights [R, N]`` float32: :func:`jrlhf.losses.rollout_importance_weights` of ``old_logps`` (the
+      trainer's) against ``sampler_logps``; the policy loss multiplies each token's term by it;
+    * the mask modes drop tokens (``token_mask``) or whole sequences (``sequence_mask``) from ``loss_mask``, and a
+      dropped sequence from ``sequence_mask``, so they leave every count the loss divides by (the counts are those
+      of the whole rollout, so accumulation stays exact).
+
+    Raises:
+      AlgorithmInputError: the correction is on and the batch has no ``sampler_logps``.
+    """
+    on, mode, clip_max, clip_min = correction_of(config)
+    if not on:
+        return batch
+    if batch.get("sampler_logps") is None:
+        raise AlgorithmInputError("vllm_importance_sampling_correction: the rollout batch has no 'sampler_logps' "
+                                  f"({OPTIONAL_ROLLOUT_FIELDS['sampler_logps']}); make it with rollout() and the same "
+                                  "config")
+    batch = dict(batch)
+    n, mask = completion_part(batch)
+    weights, keep = losses.rollout_importance_weights(batch["old_logps"], batch["sampler_logps"], mask, mode=mode,
+                                                      clip_max=clip_max, clip_min=clip_min)
+    loss_mask = batch["loss_mask"]
+    batch["loss_mask"] = loss_mask.at[:, -n:].set(keep.astype(loss_mask.dtype))
+    if mode == "sequence_mask":
+        dropped = jnp.any(mask, axis=-1) & ~jnp.any(keep, axis=-1)
+        sequence_mask = batch.get("sequence_mask", jnp.ones(mask.shape[:1], jnp.int32))
+        batch["sequence_mask"] = sequence_mask * (~dropped).astype(jnp.int32)
+    batch["is_weights"] = weights
     return batch
 
 
@@ -366,6 +446,8 @@ OPTIONAL_ROLLOUT_FIELDS = {
     "ref_logps": "[R, N] float32: the reference's log-probs of the completion tokens, same temperature "
                  "(reference_logps='rollout'; else computed inside the update from frozen.ref_params)",
     "old_values": "[R, N] float32 (PPO): the critic's value of the state before each completion token",
+    "sampler_logps": "[R, N] float32: the sampler's log-probs of the completion tokens (with "
+                     "vllm_importance_sampling_correction, where old_logps are the trainer's recomputed ones)",
 }
 _FIELD_ORDER = tuple(ROLLOUT_FIELDS) + tuple(OPTIONAL_ROLLOUT_FIELDS)
 
@@ -390,6 +472,9 @@ class RolloutBatch(Mapping):
         reference was given to :func:`rollout` (``reference_logps: update`` computes it inside the update).
       old_values: ``[R, N]`` float32 or ``None`` (PPO): the critic's value of the state before each completion
         token.
+      sampler_logps: ``[R, N]`` float32 or ``None``: with ``vllm_importance_sampling_correction``, the sampler's
+        log-probs (``old_logps`` then hold the trainer's forward at the rollout's params, TRL's and verl's old
+        log-probs); ``None`` otherwise.
 
     A pytree (``jax.tree`` maps over the fields that are not ``None``) and a read-only mapping of those fields
     (``batch["old_logps"]``, ``dict(batch)``): a missing optional field raises ``KeyError``; the algorithms'
@@ -404,6 +489,7 @@ class RolloutBatch(Mapping):
     truncated: Any
     ref_logps: Any = None
     old_values: Any = None
+    sampler_logps: Any = None
 
     def __getitem__(self, key):
         value = getattr(self, key) if key in _FIELD_ORDER else None
@@ -434,6 +520,9 @@ class Rollout(NamedTuple):
       completions: the ``R`` decoded completions.
       scores: ``[R]`` float32 numpy: the combined rewards (before ``host_score_fn``; NaN = unscorable).
       rewards: ``{source name: [R] float32}`` per reward source before weighting (NaN = ``None``).
+      trainer_logps: ``[R, N]`` float32 device array: the trained policy's forward on the rollout (what the
+        ``sampling/*`` mismatch metrics compare with the sampler's log-probs).
+      sampler_logps: ``[R, N]`` float32 device array: the sampler's log-probs.
     """
 
     batch: RolloutBatch
@@ -442,6 +531,8 @@ class Rollout(NamedTuple):
     completions: list
     scores: np.ndarray
     rewards: dict
+    trainer_logps: Any = None
+    sampler_logps: Any = None
 
 
 class _Key:
@@ -476,6 +567,8 @@ class _ForwardSpec(NamedTuple):
     reward_model: _Key
     values_fn: _Key
     mesh: _Key
+    policy_model: _Key = _Key(None)
+    correction: tuple = (False, "sequence_mask", 3.0, None)  # (on, mode, clip_max, clip_min)
 
 
 def _pin(mesh, rows):
@@ -485,8 +578,30 @@ def _pin(mesh, rows):
     return lambda x: jax.lax.with_sharding_constraint(x, constraint)
 
 
-def _forward_impl(spec: _ForwardSpec, value_params, ref_params, reward_params, prompt_ids, prompt_mask, tokens,
-                  token_mask, truncated):
+def correction_of(config) -> tuple:
+    """``(on, mode, clip_max, clip_min)``: the rollout-correction settings of a config (defaults when it has none)."""
+    return (bool(getattr(config, "vllm_importance_sampling_correction", False)),
+            getattr(config, "vllm_importance_sampling_mode", "sequence_mask"),
+            getattr(config, "vllm_importance_sampling_clip_max", 3.0),
+            getattr(config, "vllm_importance_sampling_clip_min", None))
+
+
+def mismatch_metrics(trainer_logps, sampler_logps, completion_mask, correction: tuple) -> dict:
+    """The ``sampling/*`` metrics of one rollout (jit-safe; counts over the whole batch): the mismatch metrics of
+    :func:`jrlhf.losses.rollout_mismatch_metrics` always, and with the correction on the applied weights'
+    :func:`jrlhf.losses.importance_weight_metrics`."""
+    on, mode, clip_max, clip_min = correction
+    metrics = losses.rollout_mismatch_metrics(trainer_logps, sampler_logps, completion_mask,
+                                              clip_max=3.0 if clip_max is None else clip_max, clip_min=clip_min)
+    if on:
+        weights, keep = losses.rollout_importance_weights(trainer_logps, sampler_logps, completion_mask, mode=mode,
+                                                          clip_max=clip_max, clip_min=clip_min)
+        metrics.update(losses.importance_weight_metrics(weights, keep, completion_mask, mode))
+    return metrics
+
+
+def _forward_impl(spec: _ForwardSpec, policy_params, value_params, ref_params, reward_params, prompt_ids,
+                  prompt_mask, tokens, token_mask, truncated, sampler_logps):
     n_gen, mesh = spec.n_gen, spec.mesh.obj
     pin = _pin(mesh, tokens.shape[0])
     ids = jnp.concatenate([jnp.repeat(prompt_ids, n_gen, axis=0), tokens], axis=1).astype(jnp.int32)
@@ -498,6 +613,16 @@ def _forward_impl(spec: _ForwardSpec, value_params, ref_params, reward_params, p
     loss_mask = jnp.concatenate([jnp.zeros_like(prompt_part), trained], axis=1)
     out = {"input_ids": pin(ids), "attention_mask": pin(attention), "loss_mask": pin(loss_mask),
            "truncated": pin(truncated.astype(jnp.int32))}
+    # the trainer's numerics on the sampled tokens: the same forward the loss runs (full sequence, no KV cache)
+    trainer_logps, _, _ = completion_forward(spec.policy_model.obj, policy_params, ids, attention, spec.n_tokens,
+                                             temperature=spec.temperature, chunk_size=spec.chunk_size,
+                                             with_entropy=False)
+    trainer_logps = pin(trainer_logps)
+    metrics = mismatch_metrics(trainer_logps, sampler_logps, trained > 0, spec.correction)
+    if spec.correction[0]:
+        out["old_logps"], out["sampler_logps"] = trainer_logps, sampler_logps
+    else:
+        out["old_logps"] = sampler_logps
     if ref_params is not None:
         ref_logps, _, _ = completion_forward(spec.ref_model.obj, ref_params, ids, attention, spec.n_tokens,
                                              temperature=spec.temperature, chunk_size=spec.chunk_size,
@@ -509,7 +634,7 @@ def _forward_impl(spec: _ForwardSpec, value_params, ref_params, reward_params, p
     if reward_params is not None:
         model = spec.reward_model.obj
         rm_scores = sequence_scores(model.apply(reward_params, ids, attention), attention)
-    return out, rm_scores
+    return out, rm_scores, trainer_logps, metrics
 
 
 _forward_jit = jax.jit(_forward_impl, static_argnums=0)
@@ -665,11 +790,11 @@ def rollout(model, params, prompts, rng, config=None, *, tokenizer=None, reward_
                         chunk_size=config.logprob_chunk_size,
                         mask_truncated=bool(config.mask_truncated_completions),
                         ref_model=_Key(lm_view(ref_model) if ref_model is not None else lm),
-                        reward_model=_Key(reward_model), values_fn=_Key(values_fn), mesh=_Key(mesh))
-    device, rm_scores = _forward_jit(spec, params if value_params is None else value_params, ref_params,
-                                     reward_params, prompt_ids, prompt_mask, sample.tokens, sample.mask,
-                                     sample.truncated)
-    device["old_logps"] = sample.logps
+                        reward_model=_Key(reward_model), values_fn=_Key(values_fn), mesh=_Key(mesh),
+                        policy_model=_Key(lm), correction=correction_of(config))
+    device, rm_scores, trainer_logps, sampling_metrics = _forward_jit(
+        spec, params, params if value_params is None else value_params, ref_params, reward_params, prompt_ids,
+        prompt_mask, sample.tokens, sample.mask, sample.truncated, sample.logps)
     host = distributed.process_allgather({"tokens": sample.tokens, "mask": sample.mask, "truncated": sample.truncated,
                                           **({"rm": rm_scores} if rm_scores is not None else {})})
     local = _local_rows(mesh, prompt_batch, n_gen, rows)
@@ -689,8 +814,128 @@ def rollout(model, params, prompts, rng, config=None, *, tokenizer=None, reward_
         scores = np.asarray(host_score_fn(scores, truncated), np.float32)
     device["scores"] = _global_rows(scores, mesh, rows)
     metrics = _rollout_metrics(logged_scores, per_source, mask, truncated, n_gen, prompt_batch, zero_std_over_batch)
+    metrics.update({k: float(v) for k, v in jax.device_get(sampling_metrics).items()})
     return Rollout(batch=RolloutBatch(**device), metrics=metrics, prompts=prompt_texts, completions=completions,
-                   scores=logged_scores, rewards=per_source)
+                   scores=logged_scores, rewards=per_source, trainer_logps=trainer_logps, sampler_logps=sample.logps)
+
+
+def groups_with_signal(scores: np.ndarray, group_size: int) -> np.ndarray:
+    """``[R / group_size]`` bool: the groups whose rewards can give a non-zero group-relative advantage (at least
+    two scorable rewards and a non-zero std; DAPO's dynamic-sampling filter, verl's ``filter_groups`` on the
+    sequence score)."""
+    grouped = np.asarray(scores, np.float64).reshape(-1, group_size)
+    out = np.zeros(grouped.shape[0], bool)
+    for i, row in enumerate(grouped):
+        row = row[~np.isnan(row)]
+        out[i] = row.size > 1 and not np.isclose(np.std(row, ddof=1), 0.0)
+    return out
+
+
+_ROW_FIELDS = tuple(_FIELD_ORDER)
+_WIDE_FIELDS = ("input_ids", "attention_mask", "loss_mask")  # [R, P + N]: left-padded to a common P
+
+
+def dynamic_rollout(model, params, prompts, rng, config, *, next_prompts: Callable, **kwargs) -> Rollout:
+    """DAPO's dynamic sampling (arXiv 2503.14476, Sec. 3.2) over :func:`rollout`: generates a prompt batch of ``B``
+    prompts, drops the groups with no reward signal (:func:`groups_with_signal`), and generates further prompt
+    batches (``next_prompts()``) until ``B`` groups with signal are collected or ``config.max_num_gen_batches``
+    rounds were run. Extra groups of the last round are discarded (as verl does); slots still empty after the last
+    round are filled with dropped groups whose scores are set to NaN, so they carry no loss and enter no count
+    (:func:`drop_unscorable`) and the batch keeps its shape (no recompilation). Prompt widths that differ between
+    rounds are left-padded to the widest (positions come from the attention mask, so the logits are unchanged).
+
+    Args:
+      model, params, prompts, rng, config, kwargs: as for :func:`rollout` (``config.dynamic_sampling`` is not read).
+      next_prompts: ``() -> prompts`` of the next batch (``B`` prompts, any form :func:`rollout` takes).
+
+    Returns:
+      A :class:`Rollout` of ``B x num_generations`` rows. Its metrics are those of the assembled batch plus
+      ``dynamic_sampling/gen_rounds`` (generation rounds run), ``dynamic_sampling/groups_dropped`` (groups without
+      signal, all rounds), ``dynamic_sampling/groups_filled`` (slots filled with a no-loss group) and
+      ``frac_reward_zero_std`` of the first round (before filtering); ``_num_tokens`` counts every round's tokens.
+
+    Raises:
+      ConfigError: ``num_generations < 2``, ``max_num_gen_batches < 1``, or several processes (not supported).
+    """
+    n_gen = int(config.num_generations)
+    limit = int(config.max_num_gen_batches)
+    if n_gen < 2:
+        raise ConfigError(f"dynamic sampling needs groups: num_generations={n_gen} (>= 2)")
+    if limit < 1:
+        raise ConfigError(f"max_num_gen_batches={limit}: must be >= 1")
+    if jax.process_count() > 1:
+        raise ConfigError("algo.dynamic_sampling is not supported on several processes yet (set it to false)")
+    rounds, kept, dropped, first = [], [], [], None
+    groups_needed = None
+    tokens = 0
+    while True:
+        batch_prompts = prompts if not rounds else next_prompts()
+        out = rollout(model, params, batch_prompts, jax.random.fold_in(rng, len(rounds)), config, **kwargs)
+        index = len(rounds)
+        rounds.append(out)
+        tokens += int(out.metrics["_num_tokens"])
+        if first is None:
+            first = out.metrics
+            groups_needed = out.scores.shape[0] // n_gen
+        signal = groups_with_signal(out.scores, n_gen)
+        kept += [(index, g) for g in np.flatnonzero(signal)]
+        dropped += [(index, g) for g in np.flatnonzero(~signal)]
+        if len(kept) >= groups_needed or len(rounds) >= limit:
+            break
+    chosen = [(i, g, False) for i, g in kept[:groups_needed]]
+    filled = groups_needed - len(chosen)
+    chosen += [(i, g, True) for i, g in dropped[:filled]]
+
+    host = [{name: np.asarray(jax.device_get(value)) for name, value in out.batch.items()} for out in rounds]
+    for part, out in zip(host, rounds):
+        part["_trainer_logps"] = np.asarray(jax.device_get(out.trainer_logps))
+        part["_sampler_logps"] = np.asarray(jax.device_get(out.sampler_logps))
+    width = max(part["input_ids"].shape[1] for part in host)
+    for part in host:
+        pad = width - part["input_ids"].shape[1]
+        if pad:
+            for name in _WIDE_FIELDS:
+                part[name] = np.pad(part[name], ((0, 0), (pad, 0)))
+    rows = {name: [] for name in host[0]}
+    prompts_out, completions, scores, rewards = [], [], [], {k: [] for k in rounds[0].rewards}
+    for i, g, no_loss in chosen:
+        sl = slice(g * n_gen, (g + 1) * n_gen)
+        for name in rows:
+            value = host[i][name][sl]
+            if name == "scores" and no_loss:
+                value = np.full_like(value, np.nan)
+            rows[name].append(value)
+        prompts_out += rounds[i].prompts[sl]
+        completions += rounds[i].completions[sl]
+        scores.append(rounds[i].scores[sl] if not no_loss else np.full(n_gen, np.nan, np.float32))
+        for k in rewards:
+            rewards[k].append(rounds[i].rewards[k][sl])
+    arrays = {name: np.concatenate(values) for name, values in rows.items()}
+    trainer_logps, sampler_logps = arrays.pop("_trainer_logps"), arrays.pop("_sampler_logps")
+    mesh = kwargs.get("mesh") or sampling._mesh_of(params)
+    total = arrays["scores"].shape[0]
+
+    def place(x):
+        return jnp.asarray(x) if mesh is None else put_global(x, _batch_constraint(mesh, total))
+
+    device = {name: place(value) for name, value in arrays.items()}
+    scores = np.concatenate(scores)
+    rewards = {k: np.concatenate(v) for k, v in rewards.items()}
+    n = arrays["old_logps"].shape[1]
+    completion_mask = arrays["attention_mask"][:, -n:]
+    metrics = _rollout_metrics(scores, rewards, completion_mask, arrays["truncated"], n_gen, None)
+    trained = arrays["loss_mask"][:, -n:] > 0
+    sampling_metrics = mismatch_metrics(jnp.asarray(trainer_logps), jnp.asarray(sampler_logps), jnp.asarray(trained),
+                                        correction_of(config))
+    metrics.update({k: float(v) for k, v in jax.device_get(sampling_metrics).items()})
+    metrics["_num_tokens"] = tokens
+    metrics["frac_reward_zero_std"] = first.get("frac_reward_zero_std", 0.0)
+    metrics["dynamic_sampling/gen_rounds"] = float(len(rounds))
+    metrics["dynamic_sampling/groups_dropped"] = float(len(dropped))
+    metrics["dynamic_sampling/groups_filled"] = float(filled)
+    return Rollout(batch=RolloutBatch(**device), metrics=metrics, prompts=prompts_out, completions=completions,
+                   scores=scores, rewards=rewards, trainer_logps=place(trainer_logps),
+                   sampler_logps=place(sampler_logps))
 
 
 @dataclasses.dataclass
@@ -731,8 +976,14 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
     stop_ids = run_stop_token_ids(run, algo.stop_token_ids)
     ref_in_rollout = collector.need_ref and algo.reference_logps == "rollout"
 
-    def collect(state, prompt_batch, frozen, rng):
-        out = rollout(run.model, collector.policy_params(state.params), prompt_batch, rng, config,
+    def collect(state, prompt_batch, frozen, rng, next_prompts=None):
+        if config.dynamic_sampling:
+            if next_prompts is None:
+                raise AlgorithmInputError("algo.dynamic_sampling: collect needs next_prompts (the loop passes it)")
+            sample_fn = functools.partial(dynamic_rollout, next_prompts=next_prompts)
+        else:
+            sample_fn = rollout
+        out = sample_fn(run.model, collector.policy_params(state.params), prompt_batch, rng, config,
                       tokenizer=run.tokenizer, reward_funcs=rewards.funcs, reward_names=rewards.names,
                       ref_params=frozen.ref_params if ref_in_rollout else None,
                       reward_model=rewards.model, reward_params=None if frozen is None else frozen.reward_params,
@@ -829,7 +1080,7 @@ def _rollout_metrics(scores, per_source, mask, truncated, n_gen, prompt_batch, z
     metrics["completions/mean_terminated_length"] = float(terminated.mean())
     metrics["completions/min_terminated_length"] = float(terminated.min())
     metrics["completions/max_terminated_length"] = float(terminated.max())
-    prompt_tokens = int(np.sum(prompt_batch.prompt_mask)) * n_gen
+    prompt_tokens = 0 if prompt_batch is None else int(np.sum(prompt_batch.prompt_mask)) * n_gen
     metrics["_num_tokens"] = prompt_tokens + int(lengths.sum())
     return metrics
 
@@ -933,10 +1184,13 @@ class OnPolicyAlgorithm(Algorithm):
     policy_params: Callable = lambda params: params
     host_score_fn: Callable | None = None
 
-    def rollout(self, params, prompts, rng, *, tokenizer=None, frozen=None, **kwargs) -> Rollout:
+    def rollout(self, params, prompts, rng, *, tokenizer=None, frozen=None, next_prompts=None,
+                **kwargs) -> Rollout:
         """:func:`rollout` with this algorithm's model and settings: ``params`` are the trained params
         (``state.params``), ``frozen`` (``init_frozen(params)``) supplies the reference (computed here with
-        ``config.reference_logps: rollout``) and the reward model's params; ``kwargs`` go to :func:`rollout`."""
+        ``config.reference_logps: rollout``) and the reward model's params; ``kwargs`` go to :func:`rollout`.
+        With ``config.dynamic_sampling`` it is :func:`dynamic_rollout` and ``next_prompts`` (``() -> the next
+        prompt batch``) is required."""
         ref = None
         if self.uses_reference and self.config.reference_logps == "rollout":
             if frozen is None or frozen.ref_params is None:
@@ -944,7 +1198,13 @@ class OnPolicyAlgorithm(Algorithm):
                                           "(reference_logps='rollout'): pass frozen=algorithm.init_frozen(params)")
             ref = frozen.ref_params
         kwargs.setdefault("reward_params", None if frozen is None else frozen.reward_params)
-        return rollout(self.model, self.policy_params(params), prompts, rng, self.config, tokenizer=tokenizer,
+        sample_fn = rollout
+        if getattr(self.config, "dynamic_sampling", False):
+            if next_prompts is None:
+                raise AlgorithmInputError(f"{self.name}: dynamic_sampling needs next_prompts= (a callable giving the "
+                                          "next prompt batch, for the extra generation rounds)")
+            sample_fn = functools.partial(dynamic_rollout, next_prompts=next_prompts)
+        return sample_fn(self.model, self.policy_params(params), prompts, rng, self.config, tokenizer=tokenizer,
                        ref_params=ref, values_fn=self.values_fn, value_params=params,
                        host_score_fn=self.host_score_fn, **kwargs)
 
@@ -967,6 +1227,11 @@ def make_algorithm(name: str, model, config, *, loss_fn, prepare_batch, uses_ref
     optional = {"ref_logps": OPTIONAL_ROLLOUT_FIELDS["ref_logps"]} if uses_reference else {}
     if extra.get("values_fn") is not None:
         reads["old_values"] = OPTIONAL_ROLLOUT_FIELDS["old_values"]
+    if correction_of(config)[0]:
+        if name != "grpo":
+            raise ConfigError(f"algo.vllm_importance_sampling_correction: {name} does not apply the correction yet "
+                              "(grpo does); the sampling/* mismatch metrics are logged without it")
+        reads["sampler_logps"] = OPTIONAL_ROLLOUT_FIELDS["sampler_logps"]
     policy_params = extra.get("policy_params") or (lambda params: params)
     inner_prepare = prepare_batch
 

@@ -46,6 +46,13 @@ from jrlhf.losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from jrlhf.losses.rollout_correction import (
+    IS_MODES,
+    high_entropy_mask,
+    importance_weight_metrics,
+    rollout_importance_weights,
+    rollout_mismatch_metrics,
+)
 from jrlhf.losses.reinforce import (
     discounted_returns,
     reinforce_pp_advantages,
@@ -59,6 +66,7 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "GRPO_LOSS_TYPES",
+    "IS_MODES",
     "KL_KINDS",
     "adaptive_kl_update",
     "aggregate_loss",
@@ -70,6 +78,8 @@ __all__ = [
     "gae",
     "grpo_advantages",
     "grpo_loss",
+    "high_entropy_mask",
+    "importance_weight_metrics",
     "kl_penalized_rewards",
     "kl_penalty",
     "kto_kl_estimate",
@@ -88,6 +98,8 @@ __all__ = [
     "remax_advantages",
     "rloo_advantages",
     "rloo_loss",
+    "rollout_importance_weights",
+    "rollout_mismatch_metrics",
     "sft_loss",
     "simpo_loss",
 ]

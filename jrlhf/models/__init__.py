@@ -9,6 +9,7 @@ cache and HF checkpoint loading and saving.
 from jrlhf.models.checkpoint import from_pretrained, hf_state_dict, read_hf_config, save_pretrained
 from jrlhf.models.config import FAMILIES, HEADS, ModelConfig, tiny_config
 from jrlhf.models.logprobs import (logits_from_hidden, model_token_logprobs, selected_token_logprobs,
+                                   token_entropy_from_hidden,
                                    token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix)
 from jrlhf.models.transformer import (CausalLM, KVCache, ScalarHeadModel, abstract_params, build_model, init_cache,
                                       init_model, logical_axes, sequence_scores)
@@ -19,6 +20,6 @@ __all__ = [
     "CausalLM", "ScalarHeadModel", "KVCache", "build_model", "init_model", "init_cache", "abstract_params",
     "logical_axes", "sequence_scores",
     "from_pretrained", "save_pretrained", "hf_state_dict", "read_hf_config",
-    "token_logprobs_from_hidden", "token_logprobs_from_logits", "model_token_logprobs", "unembedding_matrix",
-    "logits_from_hidden", "selected_token_logprobs",
+    "token_entropy_from_hidden", "token_logprobs_from_hidden", "token_logprobs_from_logits", "model_token_logprobs",
+    "unembedding_matrix", "logits_from_hidden", "selected_token_logprobs",
 ]

@@ -175,6 +175,49 @@ def selected_token_logprobs(hidden: Array, unembedding: Array, targets: Array, w
     return out.reshape(B, T)
 
 
+def token_entropy_from_hidden(hidden: Array, unembedding: Array, chunk_size: int = 8192,
+                              temperature: float = 1.0) -> Array:
+    """Shannon entropy (nats) of ``softmax(hidden @ unembedding.T / temperature)`` without building ``[B, T, V]``.
+
+    hidden ``[B, T, H]`` (any float dtype; matmuls in it with float32 accumulation), unembedding ``[V, H]`` ->
+    ``[B, T]`` float32. One pass over vocabulary chunks of ``chunk_size`` rows keeps, per position, the running max
+    ``m``, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) z`` of the scaled logits ``z``; the entropy is
+    ``m + log s - u / s`` (= ``logsumexp(z) - sum softmax(z) z``, :func:`jrlhf.losses.entropy_from_logits`).
+    Memory ``O(B*T*chunk)``. Carries no gradient (a metric and a token-selection signal, TRL's use of entropies).
+    """
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must be [B, T, H]; got {hidden.shape}")
+    if unembedding.ndim != 2 or unembedding.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"unembedding must be [V, H={hidden.shape[-1]}], got {unembedding.shape}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = lax.stop_gradient(hidden)
+    vocab = unembedding.shape[0]
+    chunk = min(int(chunk_size), vocab)
+    n_chunks = -(-vocab // chunk)
+    weight = lax.stop_gradient(unembedding).astype(hidden.dtype)
+    inv_temp = jnp.float32(1.0 / temperature)
+
+    def body(carry, i):
+        running_max, running_sum, running_dot = carry
+        start = i * chunk
+        start_clamped = jnp.minimum(start, vocab - chunk)
+        w = lax.dynamic_slice_in_dim(weight, start_clamped, chunk, axis=0)
+        logits = dense_transposed(hidden, w, out_dtype=jnp.float32) * inv_temp
+        fresh = (start_clamped + jnp.arange(chunk)) >= start
+        new_max = jnp.maximum(running_max, jnp.max(jnp.where(fresh, logits, -jnp.inf), axis=-1))
+        scale = jnp.exp(running_max - new_max)
+        weights = jnp.where(fresh, jnp.exp(logits - new_max[..., None]), 0.0)
+        new_sum = running_sum * scale + jnp.sum(weights, axis=-1)
+        new_dot = running_dot * scale + jnp.sum(weights * jnp.where(fresh, logits, 0.0), axis=-1)
+        return (new_max, new_sum, new_dot), None
+
+    shape = hidden.shape[:2]
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+    (final_max, final_sum, final_dot), _ = lax.scan(body, init, jnp.arange(n_chunks))
+    return final_max + jnp.log(final_sum) - final_dot / final_sum
+
+
 def token_logprobs_from_logits(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
     """``log_softmax(logits / temperature)`` at ``targets``: logits ``[B, T, V]``, targets ``[B, T]`` -> ``[B, T]``
     float32."""

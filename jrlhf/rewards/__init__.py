@@ -3,7 +3,8 @@
 ``fn(prompts, completions, completion_ids, **record_fields) -> list[float | None]``; combine several with
 :func:`combine_rewards`; look shipped ones up by name with :func:`get_reward_fn` (``"addition_exact_match"``,
 ``"addition_format"``, ``"math_answer"``, ``"format"`` (options: ``pattern``, ``mode``), and the GSM8K recipe's
-``"gsm8k_answer"``, ``"gsm8k_format"``, ``"gsm8k_shaped"``), or by ``module:function`` import path;
+``"gsm8k_answer"``, ``"gsm8k_format"``, ``"gsm8k_shaped"``; DAPO's
+``"soft_overlong_punishment"`` (options: ``max_completion_len``, ``soft_punish_cache``)), or by ``module:function`` import path;
 :func:`resolve_reward_funcs` turns a mixed list of callables, names and paths into callables.
 """
 
@@ -24,6 +25,7 @@ from jrlhf.rewards.verifiable import (
     completion_text,
     extract_boxed,
     extract_final_answer,
+    get_soft_overlong_punishment,
     make_format_reward,
     math_answer,
     normalize_answer,
@@ -39,6 +41,7 @@ __all__ = [
     "extract_boxed",
     "extract_final_answer",
     "get_reward_fn",
+    "get_soft_overlong_punishment",
     "gsm8k_answer",
     "gsm8k_format",
     "gsm8k_shaped",

@@ -152,7 +152,55 @@ def make_format_reward(pattern: str = THINK_ANSWER_PATTERN, *, mode: str = "full
     return format_reward
 
 
+class _SoftOverlongPunishment:
+    """The reward function of :func:`get_soft_overlong_punishment` (a class, so that it pickles)."""
+
+    __name__ = "soft_overlong_punishment"
+
+    def __init__(self, max_completion_len: int, soft_punish_cache: int):
+        self.max_completion_len = int(max_completion_len)
+        self.soft_punish_cache = int(soft_punish_cache)
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **record_fields):
+        if completion_ids is None:
+            raise TypeError("soft_overlong_punishment reads completion_ids (the completions' token ids)")
+        free = self.max_completion_len - self.soft_punish_cache
+        out = []
+        for ids in completion_ids:
+            length = len(ids)
+            if length <= free:
+                out.append(0.0)
+            elif length <= self.max_completion_len:
+                out.append((free - length) / self.soft_punish_cache)
+            else:
+                out.append(-1.0)
+        return out
+
+
+def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13) as a reward function; TRL 1.16's
+    ``trl.rewards.get_soft_overlong_punishment`` name and arguments.
+
+    With ``L_max = max_completion_len`` and ``L_cache = soft_punish_cache``, a completion of ``|y|`` tokens gets
+    ``0`` if ``|y| <= L_max - L_cache``, ``((L_max - L_cache) - |y|) / L_cache`` (from 0 down to -1) if
+    ``L_max - L_cache < |y| <= L_max``, and ``-1`` beyond ``L_max``. Add it to the task reward
+    (``reward_funcs: [my_reward, {name: soft_overlong_punishment, max_completion_len: 512, soft_punish_cache:
+    64}]``); set ``max_completion_len`` to ``algo.max_completion_length`` (completions end there, so the ``-1``
+    branch is only reached with a larger budget).
+
+    Raises:
+      ValueError: ``max_completion_len < 1`` or ``soft_punish_cache`` not in ``[1, max_completion_len]``.
+    """
+    if not isinstance(max_completion_len, int) or max_completion_len < 1:
+        raise ValueError(f"soft_overlong_punishment: max_completion_len={max_completion_len!r} must be an int >= 1")
+    if not isinstance(soft_punish_cache, int) or not 1 <= soft_punish_cache <= max_completion_len:
+        raise ValueError(f"soft_overlong_punishment: soft_punish_cache={soft_punish_cache!r} must be an int in "
+                         f"[1, max_completion_len={max_completion_len}]")
+    return _SoftOverlongPunishment(max_completion_len, soft_punish_cache)
+
+
 register_reward_fn("addition_exact_match", addition_exact_match)
 register_reward_fn("math_answer", math_answer)
 register_reward_fn("format", make_format_reward, factory=True)
 register_reward_fn("addition_format", make_format_reward(r"\d+"))
+register_reward_fn("soft_overlong_punishment", get_soft_overlong_punishment, factory=True)
