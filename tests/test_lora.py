@@ -252,9 +252,10 @@ def test_lora_dpo_trains_only_the_adapters_against_the_base_model():
     initial = jax.tree.map(np.asarray, jax.device_get(params))
     history, metrics, _ = _lora_dpo_steps(model, params, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]),
                                           batches)
-    # step 1: the policy is the base (B = 0), so every implicit reward is exactly 0 and the loss log 2
-    assert metrics[0]["rewards/chosen"] == 0.0 and metrics[0]["rewards/margins"] == 0.0
-    assert metrics[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-7)
+    # step 1: the policy is the base (B = 0), so every implicit reward is 0 and the loss log 2 (to rounding: XLA
+    # orders the policy pass, x W + 0, and the reference pass, x W, differently inside one program)
+    assert abs(metrics[0]["rewards/chosen"]) <= 1e-6 and abs(metrics[0]["rewards/margins"]) <= 1e-6
+    assert metrics[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
     final = history[-1]
     for path, before in jax.tree_util.tree_flatten_with_path(initial)[0]:
         after = final
@@ -352,7 +353,7 @@ def test_jrlhf_train_dpo_with_lora_resumes_exactly_and_exports(tmp_path):
     assert [m["step"] for m in logged_resumed] == [1, 2, 3, 4]
     for a, b in zip(logged, logged_resumed):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
-    assert logged[0]["rewards/margins"] == 0.0 and logged[-1]["loss"] != logged[0]["loss"]
+    assert abs(logged[0]["rewards/margins"]) <= 1e-6 and logged[-1]["loss"] != logged[0]["loss"]
     exported = load_file(str(straight / "hf_model" / "model.safetensors"))
     again = load_file(str(resumed / "hf_model" / "model.safetensors"))
     assert all(np.array_equal(exported[k], again[k]) for k in exported)
