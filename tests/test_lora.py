@@ -213,12 +213,12 @@ def _dpo_batch(seed=0, rows=8, length=12, vocab=96):
     return batch
 
 
-def _lora_dpo_steps(model, params, mesh, batches, lr=0.05):
+def _lora_dpo_steps(model, params, mesh, batches, lr=0.05, optimizer="adamw"):
     """LoRA DPO steps through ``dpo.make`` and the step builder: ``(states' host params per step, metrics)``."""
     algo = dpo.make(model, dpo.Config(beta=0.1))
     specs = M.logical_axes(model)
-    opt = make_optimizer(OptimizerConfig(learning_rate=lr, max_grad_norm=1.0), params, trainable=LO.trainable_mask,
-                         param_specs=specs)
+    opt = make_optimizer(OptimizerConfig(name=optimizer, learning_rate=lr, max_grad_norm=1.0), params,
+                         trainable=LO.trainable_mask, param_specs=specs)
     state, shardings = init_train_state(params, opt, jax.random.PRNGKey(0), mesh=mesh, param_specs=specs)
     step = algo.train_step(opt, mesh, state_shardings=shardings, trainable=LO.trainable_mask)
     history, metrics = [], []
@@ -280,10 +280,13 @@ def test_lora_dpo_step_is_the_same_on_1_and_8_devices():
     model, params, _, _ = _models(LO.LoraConfig(r=4, alpha=8))
     params = _random_b(params, scale=0.05)
     batches = [_dpo_batch(seed) for seed in range(2)]
+    # SGD: Adam's first steps divide tiny gradients by their own size, which turns summation-order rounding into
+    # visible differences; SGD keeps the comparison one of gradients
     one, m_one, _ = _lora_dpo_steps(model, params, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]),
-                                    batches)
+                                    batches, lr=0.5, optimizer="sgd")
     for shape in ((8, 1, 1), (2, 2, 2)):
-        many, m_many, state = _lora_dpo_steps(model, params, make_mesh(MeshConfig(*shape)), batches)
+        many, m_many, state = _lora_dpo_steps(model, params, make_mesh(MeshConfig(*shape)), batches, lr=0.5,
+                                              optimizer="sgd")
         for a, b in zip(m_one, m_many):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(
                 b["grad_norm"], rel=1e-4)
