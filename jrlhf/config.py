@@ -26,6 +26,39 @@ class ConfigError(JrlhfError, ValueError):
 
 
 @dataclass
+class LoraSection:
+    """Low-rank adapters (``model.lora``; :class:`jrlhf.models.lora.LoraConfig`, PEFT's names and defaults).
+
+    ``r`` rank; ``alpha`` scaling numerator (the update is scaled by ``alpha / r``, ``alpha / sqrt(r)`` with
+    ``use_rslora``); ``dropout`` on the adapter input (must be 0 in ``jrlhf train``: its losses run the model
+    deterministically); ``target_modules`` names or glob patterns over ``q_proj``, ``k_proj``, ``v_proj``,
+    ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj`` (default: all seven; ``all-linear`` too); ``init``
+    ``default`` (A uniform +-1/sqrt(fan_in), B zero) or ``gaussian``; ``dtype`` of the adapter params.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    use_rslora: bool = False
+    init: str = "default"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        try:
+            self.to_model()
+        except ValueError as error:
+            raise ConfigError(f"model.{error}") from None
+
+    def to_model(self):
+        """The :class:`jrlhf.models.lora.LoraConfig` of these settings."""
+        from jrlhf.models.lora import LoraConfig
+
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=tuple(self.target_modules),
+                          use_rslora=self.use_rslora, init=self.init, dtype=self.dtype)
+
+
+@dataclass
 class ModelSection:
     """Which model to train.
 
@@ -33,7 +66,9 @@ class ModelSection:
     model from ``family`` and ``overrides`` (:class:`jrlhf.models.ModelConfig` fields over
     :func:`jrlhf.models.tiny_config`; ``vocab_size`` defaults to the tokenizer's). ``remat`` is "none", "full",
     "dots" or "dots_no_batch" (per-layer rematerialisation); ``scan_unroll`` the layers per iteration of the scan
-    over layers (1: rolled; the layer count: fully unrolled, faster for shallow models on CPU).
+    over layers (1: rolled; the layer count: fully unrolled, faster for shallow models on CPU). ``lora``
+    (:class:`LoraSection`, ``None``: off) trains low-rank adapters on the frozen model, which is also the
+    reference (no copy of the weights); ``--set model.lora.r=8`` turns it on.
     """
 
     path: str | None = None
@@ -43,6 +78,7 @@ class ModelSection:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    lora: LoraSection | None = None
 
 
 @dataclass

@@ -515,38 +515,58 @@ class _Updater:
         self.compute_dtype = compute_dtype
         self.trainable = trainable
 
-    def _stop_frozen(self, params):
+    def _flags(self, params):
+        """Python bools, one per leaf of ``params`` in flatten order: True where the leaf is trained; ``None`` when
+        everything is."""
         if self.trainable is None:
-            return params
+            return None
         mask = self.trainable(params) if callable(self.trainable) else self.trainable
-        return jax.tree.map(lambda p, t: p if bool(t) else jax.lax.stop_gradient(p), params, mask)
+        try:
+            flags = jax.tree.structure(params).flatten_up_to(mask)
+        except (ValueError, TypeError) as err:
+            raise ValueError("trainable=...: the mask must be a pytree of bools with the structure of params "
+                             f"({err}).") from None
+        return [bool(f) for f in flags]
 
-    def grads(self, params, batch, frozen, globals_, rng, step, algo_state):
-        """Summed loss, summed fp32 gradients and micro-batch-averaged metrics of one optimizer-step batch."""
+    def grads(self, params, batch, frozen, globals_, rng, step, algo_state, flags=None):
+        """Summed loss, summed fp32 gradients and micro-batch-averaged metrics of one optimizer-step batch.
 
-        def micro_loss(p, micro_batch, micro_rng):
-            p = _cast_floating(self._stop_frozen(p), self.compute_dtype)
+        With ``flags`` (see :meth:`_flags`) the gradient is taken with respect to the trained leaves only (a list,
+        in flatten order); the others enter the loss as constants, so no gradient is computed for them."""
+        leaves, treedef = jax.tree.flatten(params)
+        if flags is None:
+            flags = [True] * len(leaves)
+        fixed = [x for x, f in zip(leaves, flags) if not f]
+        shardings = [s for s, f in zip(treedef.flatten_up_to(self.param_shardings), flags) if f]
+
+        def merge(trained):
+            it_t, it_f = iter(trained), iter(fixed)
+            return jax.tree.unflatten(treedef, [next(it_t) if f else next(it_f) for f in flags])
+
+        def micro_loss(trained, micro_batch, micro_rng):
+            p = _cast_floating(merge(trained), self.compute_dtype)
             ctx = StepContext(rng=micro_rng, step=step, algo_state=algo_state, globals=globals_)
             loss, metrics = self.loss_fn(p, micro_batch, frozen, ctx)
             if jnp.ndim(loss) != 0:
                 raise ValueError(f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}.")
             return loss.astype(jnp.float32), metrics
 
+        trained = [x for x, f in zip(leaves, flags) if f]
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         if self.num_microbatches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+            (loss, metrics), grads = grad_fn(trained, batch, jax.random.fold_in(rng, 0))
             return loss, grads, metrics
 
         micro = _split_leading(batch, self.num_microbatches, self.mesh)
-        grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        grads0 = jax.lax.with_sharding_constraint(grads0, self.param_shardings)
+        grads0 = [jnp.zeros(p.shape, jnp.float32) for p in trained]
+        grads0 = jax.lax.with_sharding_constraint(grads0, shardings)
 
         def body(carry, xs):
             grad_sum, loss_sum = carry
             index, micro_batch = xs
-            (loss, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+            (loss, metrics), grads = grad_fn(trained, micro_batch, jax.random.fold_in(rng, index))
             grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-            grad_sum = jax.lax.with_sharding_constraint(grad_sum, self.param_shardings)
+            grad_sum = jax.lax.with_sharding_constraint(grad_sum, shardings)
             return (grad_sum, loss_sum + loss), metrics
 
         (grads, loss), metrics = jax.lax.scan(
@@ -559,16 +579,30 @@ class _Updater:
         """One guarded optimizer update on ``batch``.
 
         Returns ``(params, opt_state, finite [bool], loss, grad_norm, metrics)``; params and opt_state are the old
-        ones when ``finite`` is False."""
+        ones when ``finite`` is False. With ``trainable``, the leaves that are not trained are returned as they came
+        in (no gradient, no update, no copy)."""
         globals_ = {**default_globals(batch), **user_globals,
                     "num_microbatches": jnp.float32(self.num_microbatches)}
-        loss, grads, metrics = self.grads(params, batch, frozen, globals_, rng, step, algo_state)
+        flags = self._flags(params)
+        loss, grads, metrics = self.grads(params, batch, frozen, globals_, rng, step, algo_state, flags)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params = jax.lax.with_sharding_constraint(new_params, self.param_shardings)
+        leaves, treedef = jax.tree.flatten(params)
+        flags = [True] * len(leaves) if flags is None else flags
+        it = iter(grads)
+        # the optimizer sees the whole tree; the zeros of untrained leaves feed only updates that are never applied
+        full_grads = jax.tree.unflatten(treedef, [next(it) if f else jnp.zeros(x.shape, jnp.float32)
+                                                  for x, f in zip(leaves, flags)])
+        updates, new_opt_state = self.optimizer.update(full_grads, opt_state, params)
+        shardings = treedef.flatten_up_to(self.param_shardings)
+        out = []
+        for x, u, sh, f in zip(leaves, treedef.flatten_up_to(updates), shardings, flags):
+            if not f:
+                out.append(x)
+                continue
+            new = jax.lax.with_sharding_constraint(optax.apply_updates(x, u), sh)
+            out.append(jnp.where(finite, new, x))
+        params = jax.tree.unflatten(treedef, out)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         return params, opt_state, finite, loss, optax.tree.norm(grads), metrics
 
@@ -711,8 +745,10 @@ def make_train_step(
         (adaptive KL, running means); skipped when the step is not finite.
       compute_dtype: e.g. ``jnp.bfloat16``: floating params are cast to it inside the step before ``loss_fn``;
         the master params, gradients and optimizer state stay fp32. ``frozen`` is passed as stored.
-      trainable: same mask as ``make_optimizer(trainable=...)`` (Python bools, or a callable returning them);
-        gradients of non-trainable params are stopped.
+      trainable: same mask as ``make_optimizer(trainable=...)`` (Python bools, or a callable returning them): the
+        gradient is taken with respect to the trained leaves only (the others enter the loss as constants: no
+        gradient is computed for them, e.g. a LoRA run's frozen base, :func:`jrlhf.models.lora.trainable_mask`),
+        and the others are returned unchanged.
       learning_rate_fn: optional schedule (:func:`make_schedule`); adds ``metrics["learning_rate"]`` at
         ``state.step``.
       donate: donate the input state's buffers (the caller must not reuse the old state).

@@ -30,13 +30,15 @@ import yaml
 from jrlhf import distributed
 from jrlhf.algorithms import get_algorithm
 from jrlhf.algorithms.base import RunContext
-from jrlhf.checkpoint import Checkpointer, acquire_run_lock
+from jrlhf.checkpoint import CheckpointError, Checkpointer, acquire_run_lock
 from jrlhf.config import ConfigError, RunConfig, build_config, load_config, to_dict
 from jrlhf.data import BatchIterator, PromptBatch, load_tokenizer, make_batch_iterator
 from jrlhf.errors import CheckpointSaveError, NonFiniteLossError
 from jrlhf.metrics import MetricsWriter, to_python_scalars
 from jrlhf.models.checkpoint import read_json_file
 from jrlhf.models import from_pretrained, init_model, logical_axes, save_pretrained, tiny_config
+from jrlhf.models.lora import add_adapters, has_adapters, save_peft_adapter, trainable_mask
+from jrlhf.models.transformer import ADAPTER_RNG_SALT
 from jrlhf.sharding import MeshConfig, batch_shardings, logical_to_shardings, make_mesh, put_global, replicated
 from jrlhf.step import (NonFiniteError, OptimizerConfig, init_train_state, make_onpolicy_update, make_optimizer,
                         make_schedule, make_train_step)
@@ -110,10 +112,21 @@ def check_vocabulary(tokenizer, model, where: str = "the model") -> None:
                           "vocabulary holds every token id")
 
 
-def build_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = None):
+def build_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = None, adapters: bool = True):
     """The model to train: ``path`` (or ``train.init_from`` / ``model.path``) loaded from a local HF directory, else
     a fresh ``model.family`` tiny config with ``model.overrides``. A head missing from the checkpoint (a score or
-    value head on an SFT model) is initialised from ``rng``."""
+    value head on an SFT model) is initialised from ``rng``. With ``model.lora`` (and ``adapters``) fresh LoRA
+    adapters are added (:func:`jrlhf.models.lora.add_adapters`, drawn from ``fold_in(rng, ADAPTER_RNG_SALT)``)."""
+    model, params = _build_base_model(cfg, tokenizer, head, rng, path)
+    if cfg.model.lora is None or not adapters:
+        return model, params
+    if cfg.model.lora.dropout > 0:
+        raise ConfigError(f"model.lora.dropout={cfg.model.lora.dropout}: jrlhf's training losses run the model "
+                          "deterministically, so adapter dropout would never apply; set model.lora.dropout=0")
+    return add_adapters(model, params, cfg.model.lora.to_model(), jax.random.fold_in(rng, ADAPTER_RNG_SALT))
+
+
+def _build_base_model(cfg: RunConfig, tokenizer, head: str, rng, path: str | None = None):
     m = cfg.model
     dtype, param_dtype = _dtype(m.dtype, "model.dtype"), _dtype(m.param_dtype, "model.param_dtype")
     path = path or cfg.train.init_from or m.path
@@ -285,6 +298,27 @@ def _to_device(batch, mesh):
     return put_global(arrays, batch_shardings(arrays, mesh))
 
 
+def _select(params, flags) -> list:
+    """The leaves of ``params`` whose flag is True (flatten order): what a LoRA checkpoint holds."""
+    return [x for x, f in zip(jax.tree.leaves(params), flags) if f]
+
+
+def _put_back(params, flags, selected):
+    """``params`` with the flagged leaves replaced by ``selected`` (in order)."""
+    leaves, treedef = jax.tree.flatten(params)
+    it = iter(selected)
+    return jax.tree.unflatten(treedef, [next(it) if f else x for x, f in zip(leaves, flags)])
+
+
+def _fingerprint(leaves) -> list:
+    """A cheap fingerprint of frozen weights: per leaf ``[sum, sum of squares]`` in float64 (host), as strings."""
+    out = []
+    for x in leaves:
+        a = np.asarray(jax.device_get(x)).astype(np.float32, copy=False)
+        out.append(f"{np.sum(a, dtype=np.float64):.17g}/{np.sum(np.square(a, dtype=np.float64)):.17g}")
+    return out
+
+
 def _host_params(params):
     return jax.tree.map(np.asarray, distributed.process_allgather(params))
 
@@ -330,8 +364,8 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     model_rng, state_rng, algo_rng, collect_rng = jax.random.split(root_rng, 4)
     model, params = build_model(cfg, tokenizer, algo_mod.head(cfg), model_rng)
 
-    def load_extra(path, head):
-        return build_model(cfg, tokenizer, head, algo_rng, path=path)
+    def load_extra(path, head):  # with LoRA, a trained critic ("value") gets adapters; a reward model does not
+        return build_model(cfg, tokenizer, head, algo_rng, path=path, adapters=head == "value")
 
     run = RunContext(cfg=cfg, model=model, params=params, tokenizer=tokenizer, mesh=mesh, rng=algo_rng,
                      load_model=load_extra)
@@ -339,6 +373,8 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     param_specs = logical_axes(model)
     if setup.params is not None:  # e.g. PPO's policy + separate critic
         params, param_specs = setup.params, setup.param_specs
+    if cfg.model.lora is not None and setup.trainable is None:
+        setup.trainable = trainable_mask  # adapters (and a scalar head) only: the base gets no gradient or state
     updates_per_step = setup.onpolicy.num_epochs * setup.onpolicy.num_minibatches if setup.onpolicy else 1
     optim_cfg = _optimizer_config(cfg, updates_per_step)
     optimizer = make_optimizer(optim_cfg, params, trainable=setup.trainable, param_specs=param_specs)
@@ -353,6 +389,12 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         frozen = put_global(setup.frozen, frozen_sh, copy=True)
         setup.frozen = None  # the placed copy is the one in use; drop the host one (a whole reference model)
     run.params = None
+    # LoRA: checkpoints hold the trained leaves (adapters, a scalar head) and the optimizer state; the frozen base is
+    # rebuilt from model.path / init_from / the seed, and its fingerprint is checked on resume
+    lora_trained = None
+    if cfg.model.lora is not None:
+        lora_trained = jax.tree.leaves(setup.trainable(params) if callable(setup.trainable) else setup.trainable)
+        base_fingerprint = _fingerprint([x for x, f in zip(jax.tree.leaves(params), lora_trained) if not f])
     del params
 
     common = dict(state_shardings=state_sh, frozen_shardings=frozen_sh, num_microbatches=t.num_microbatches,
@@ -378,11 +420,23 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     mutable_frozen = setup.after_step is not None and frozen is not None
 
     def bundle(state, frozen):
+        if lora_trained is not None:
+            state = state.replace(params=_select(state.params, lora_trained))
         return {"train_state": state, "frozen": frozen} if mutable_frozen else {"train_state": state}
 
     start_step = 0
     if t.resume and ckpt.latest_step() is not None:
         restored, meta = ckpt.restore(bundle(state, frozen), expect_model=model_meta)
+        if lora_trained is not None:
+            saved = meta.get("lora_base_fingerprint")
+            if saved is not None and saved != base_fingerprint:
+                raise CheckpointError(
+                    f"the checkpoint in {ckpt.directory} holds LoRA adapters trained on another base model (the "
+                    "frozen weights from model.path / train.init_from / train.seed differ from that run's); use the "
+                    "same base model or another train.output_dir")
+            trained = restored["train_state"].params
+            restored["train_state"] = restored["train_state"].replace(
+                params=_put_back(state.params, lora_trained, trained))
         state = restored["train_state"]
         if mutable_frozen:
             frozen = restored["frozen"]
@@ -406,6 +460,8 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     def save(force=False):
         nonlocal saved_step
         meta = {"step": int(done["step"]), "data": done["data"], "config": resolved, "model_config": model_meta}
+        if lora_trained is not None:
+            meta["lora_base_fingerprint"] = base_fingerprint
         ckpt.save(done["step"], bundle(done["state"], done["frozen"]), meta, force=force)
         saved_step = done["step"]
 
@@ -507,9 +563,11 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
             hf_dir = os.path.join(run_dir, "hf_model")
             host = _host_params(state.params if setup.export_params is None else setup.export_params(state.params))
             if main:
-                save_pretrained(model, host, hf_dir, head=setup.export_head)
+                save_pretrained(model, host, hf_dir, head=setup.export_head)  # LoRA: merged into the kernels
                 tokenizer.save_pretrained(hf_dir)
                 _copy_generation_config(cfg, hf_dir)
+                if has_adapters(model):
+                    _export_adapter(cfg, model, host, setup.export_head, os.path.join(run_dir, "hf_adapter"), log)
     ckpt.close()
     writer.close()
     summary = {"step": step, "eval": eval_result, "run_dir": run_dir, "hf_dir": hf_dir, "preempted": preempted,
@@ -518,6 +576,19 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _export_adapter(cfg: RunConfig, model, host_params, export_head, path: str, log) -> None:
+    """Writes the LoRA adapters in PEFT's format to ``path`` (``hf_adapter/`` of the run), with the run's base
+    model folder as ``base_model_name_or_path``; a model PEFT's format cannot describe here (GPT-2's fused q/k/v, a
+    score-model export) is reported and skipped (``hf_model/`` holds the merged model either way)."""
+    if export_head not in (None, "lm", "lm+value") or model.head not in ("lm", "lm+value"):
+        log("[export] hf_adapter/ skipped: PEFT adapters are written for causal-LM exports only")
+        return
+    try:
+        save_peft_adapter(model, host_params, path, base_model_name_or_path=cfg.train.init_from or cfg.model.path)
+    except ValueError as error:
+        log(f"[export] hf_adapter/ skipped: {error}")
 
 
 def _copy_generation_config(cfg: RunConfig, hf_dir: str) -> None:

@@ -34,6 +34,7 @@ from jrlhf.algorithms.base import (PREFERENCE_FIELDS, Algorithm, AlgorithmInputE
                                    with_input_checks)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
+from jrlhf.models.lora import base_model, has_adapters
 
 DATA_KIND = "preference"
 REFERENCE_FREE_TYPES = ("simpo", "orpo")
@@ -133,6 +134,17 @@ def check_config(algo: Config, num_microbatches: int = 1) -> None:
                           "and reference_free")
 
 
+def check_lora(algo: Config, model) -> None:
+    """With LoRA the reference is the frozen base itself; TR-DPO would move it (a second copy).
+
+    Raises:
+      ConfigError: ``sync_ref_model`` with a LoRA model.
+    """
+    if algo.sync_ref_model and has_adapters(model):
+        raise ConfigError("algo.sync_ref_model moves the reference toward the policy, but with model.lora the "
+                          "reference is the frozen base model (no copy): turn off sync_ref_model or model.lora")
+
+
 def _policy_logps(model, params, batch, algo: Config):
     ids, attn, lmask = concat_pairs(batch)
     # ORPO's NLL reads every real token of the chosen sequences; the other types the completion tokens only
@@ -180,6 +192,8 @@ def dpo_terms(model, params, batch, frozen, algo: Config, bco_delta=0.0, counts=
     else:
         if "ref_chosen_logps" in batch:
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif uses_reference(algo) and has_adapters(model):  # LoRA: the reference is the base, the same params
+            ref_c, ref_r = reference_logps(base_model(model), params, batch, algo)
         elif uses_reference(algo):
             ref_c, ref_r = reference_logps(model, _ref_params(frozen), batch, algo)
         else:
@@ -297,8 +311,13 @@ def make(model, config: Config, *, num_microbatches: int = 1) -> Algorithm:
     where the batch carries :data:`REFERENCE_FIELDS` instead); BCO's running mean as ``algo_state`` with
     ``bco_running_mean``; TR-DPO's reference sync as ``after_step`` with ``sync_ref_model``.
 
+    With a LoRA model (``model.config.lora``) the reference is the base model: the same params with the adapters
+    switched off (:func:`jrlhf.models.lora.base_model`), inside the same compiled step; ``frozen`` is then
+    ``None`` (no copy of the weights) and ``sync_ref_model`` is refused.
+
     Args:
-      model: an LM-head model (the policy; the reference is the same model with ``Frozen.ref_params``).
+      model: an LM-head model (the policy; the reference is the same model with ``Frozen.ref_params``, or its
+        base model on the same params with LoRA).
       config: a :class:`Config`.
       num_microbatches: the accumulation micro-batches the step will use (the whole-batch ``aot`` types refuse
         more than 1).
@@ -307,9 +326,11 @@ def make(model, config: Config, *, num_microbatches: int = 1) -> Algorithm:
       ConfigError: settings that cannot work together (:func:`check_config`), a bad ``logprob_chunk_size``.
     """
     check_config(config, num_microbatches)
+    check_lora(config, model)
     check_chunk_setting(config.logprob_chunk_size)
     precomputed = uses_reference(config) and config.precompute_ref_log_probs
-    needs_ref_params = uses_reference(config) and not precomputed
+    # LoRA: the reference pass runs the base model (adapters off) on the trained params: nothing frozen to hold
+    needs_ref_params = uses_reference(config) and not precomputed and not has_adapters(model)
     fields = {**PREFERENCE_FIELDS, **(REFERENCE_FIELDS if precomputed else {})}
     loss_fn, prepare = with_input_checks("dpo", make_loss_fn(model, config), preference_globals, fields)
     return Algorithm(
@@ -338,9 +359,10 @@ def setup(run) -> AlgorithmSetup:
     algorithm = make(model, algo, num_microbatches=cfg.train.num_microbatches)
     train_data = tokenize_train(run, DATA_KIND)
     ref_params = run.params if uses_reference(algo) else None
+    ref_model = base_model(model)  # the model itself without LoRA; with LoRA its base (adapters off)
     collate = None
     if ref_params is not None and algo.precompute_ref_log_probs:
-        _precompute(model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size,
+        _precompute(ref_model, ref_params, train_data.examples, run.tokenizer, algo, cfg.data.eval_batch_size,
                     cfg.data.eval_max_tokens)
         from jrlhf.data import collate_preference, length_buckets
 
@@ -353,9 +375,10 @@ def setup(run) -> AlgorithmSetup:
     gen_records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     gen_eval = generation_eval(run, gen_records) if gen_records else None
     # with a placed reference (frozen), evaluation reads frozen's; with precomputed ones, the initial params
-    eval_ref = ref_params if algorithm.frozen_type is None else None
+    lora_ref = ref_params is not None and has_adapters(model)
+    eval_ref = ref_params if algorithm.frozen_type is None and not lora_ref else None
     score_policy = jax.jit(lambda p, b: _split_pairs(_policy_logps(model, p, b, algo)[0]))
-    score_reference = jax.jit(lambda ref, b: reference_logps(model, ref, b, algo))
+    score_reference = jax.jit(lambda ref, b: reference_logps(ref_model, ref, b, algo))
     reference_cache = {}  # the held-out pairs' reference log-probs, scored once unless TR-DPO moves the reference
 
     def scores(fn):
@@ -366,6 +389,8 @@ def setup(run) -> AlgorithmSetup:
         out = {}
         if pref_records:
             ref = frozen_now.ref_params if isinstance(frozen_now, Frozen) else eval_ref
+            if lora_ref:  # the base: the current params with the adapters off (the base never changes)
+                ref = params
             c, r = scores(lambda b: score_policy(params, b))
             if ref is not None:
                 if algo.sync_ref_model or "scores" not in reference_cache:

@@ -50,6 +50,7 @@ from jrlhf.config import ConfigError
 from jrlhf.evaluation import run_stop_token_ids
 from jrlhf.models import (build_model, logical_axes, logits_from_hidden, sequence_scores, token_entropy_from_hidden,
                           token_logprobs_from_hidden, token_logprobs_from_logits, unembedding_matrix)
+from jrlhf.models.lora import base_model, has_adapters
 from jrlhf.sharding import BATCH_AXES, mesh_axis_size, put_global
 
 DATA_KIND = "prompt"
@@ -276,7 +277,10 @@ class Frozen:
 
 def frozen_parts(run, *, ref: bool, rewards: RewardSources, ref_model=None):
     """``(frozen, frozen_specs)``: :class:`Frozen` with ``ref_params`` (a copy of the initial policy) and
-    ``reward_params``, and the same structure of logical specs; ``(None, None)`` when neither is needed."""
+    ``reward_params``, and the same structure of logical specs; ``(None, None)`` when neither is needed. With a
+    LoRA policy the reference is its base model on the trained params (:func:`reference_for`): no ``ref_params``."""
+    if has_adapters(run.model):
+        ref = False
     if not ref and rewards.model is None:
         return None, None
     frozen = Frozen(ref_params=run.params if ref else None,
@@ -284,6 +288,26 @@ def frozen_parts(run, *, ref: bool, rewards: RewardSources, ref_model=None):
     specs = Frozen(ref_params=logical_axes(ref_model or run.model) if ref else None,
                    reward_params=logical_axes(rewards.model) if rewards.model is not None else None)
     return frozen, specs
+
+
+def reference_for(model, policy_params, ref_params):
+    """``(ref_model, ref_params)`` of the reference pass: with a LoRA ``model``, its base model (adapters off) on
+    the policy's own params (no copy of the weights); else ``model``'s LM view on ``ref_params``."""
+    if has_adapters(model):
+        return base_model(lm_view(model)), policy_params
+    return lm_view(model), ref_params
+
+
+def check_lora_reference(model, config, algorithm: str) -> None:
+    """With LoRA the reference log-probs come from the base model on the policy params, which the rollout has and
+    ``prepare_batch`` (``reference_logps: update``) does not.
+
+    Raises:
+      ConfigError: ``reference_logps: update`` with a LoRA model.
+    """
+    if has_adapters(model) and getattr(config, "reference_logps", "rollout") == "update":
+        raise ConfigError(f"algo.reference_logps=update with model.lora: {algorithm}'s reference is the base model "
+                          "on the policy params, computed in the rollout; set algo.reference_logps=rollout")
 
 
 def lm_view(model):
@@ -975,6 +999,8 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
     config = dataclasses.replace(algo, max_completion_length=completion_length(run))
     stop_ids = run_stop_token_ids(run, algo.stop_token_ids)
     ref_in_rollout = collector.need_ref and algo.reference_logps == "rollout"
+    if collector.need_ref:
+        check_lora_reference(run.model, algo, run.cfg.algorithm)
 
     def collect(state, prompt_batch, frozen, rng, next_prompts=None):
         if config.dynamic_sampling:
@@ -983,9 +1009,12 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
             sample_fn = functools.partial(dynamic_rollout, next_prompts=next_prompts)
         else:
             sample_fn = rollout
-        out = sample_fn(run.model, collector.policy_params(state.params), prompt_batch, rng, config,
+        policy = collector.policy_params(state.params)
+        ref_model, ref_params = reference_for(run.model, policy,
+                                              frozen.ref_params if ref_in_rollout and frozen is not None else None)
+        out = sample_fn(run.model, policy, prompt_batch, rng, config,
                       tokenizer=run.tokenizer, reward_funcs=rewards.funcs, reward_names=rewards.names,
-                      ref_params=frozen.ref_params if ref_in_rollout else None,
+                      ref_params=ref_params if ref_in_rollout else None, ref_model=ref_model,
                       reward_model=rewards.model, reward_params=None if frozen is None else frozen.reward_params,
                       stop_token_ids=stop_ids, mesh=run.mesh, values_fn=collector.values_fn,
                       value_params=state.params, host_score_fn=collector.host_score_fn,
@@ -1191,13 +1220,16 @@ class OnPolicyAlgorithm(Algorithm):
         ``config.reference_logps: rollout``) and the reward model's params; ``kwargs`` go to :func:`rollout`.
         With ``config.dynamic_sampling`` it is :func:`dynamic_rollout` and ``next_prompts`` (``() -> the next
         prompt batch``) is required."""
-        ref = None
-        if self.uses_reference and self.config.reference_logps == "rollout":
+        ref, ref_model = None, None
+        if self.uses_reference and self.config.reference_logps == "rollout" and has_adapters(self.model):
+            ref_model, ref = reference_for(self.model, self.policy_params(params), None)
+        elif self.uses_reference and self.config.reference_logps == "rollout":
             if frozen is None or frozen.ref_params is None:
                 raise AlgorithmInputError(f"{self.name}: the rollout computes ref_logps from frozen.ref_params "
                                           "(reference_logps='rollout'): pass frozen=algorithm.init_frozen(params)")
             ref = frozen.ref_params
         kwargs.setdefault("reward_params", None if frozen is None else frozen.reward_params)
+        kwargs.setdefault("ref_model", ref_model)
         sample_fn = rollout
         if getattr(self.config, "dynamic_sampling", False):
             if next_prompts is None:
@@ -1234,6 +1266,10 @@ def make_algorithm(name: str, model, config, *, loss_fn, prepare_batch, uses_ref
         reads["sampler_logps"] = OPTIONAL_ROLLOUT_FIELDS["sampler_logps"]
     policy_params = extra.get("policy_params") or (lambda params: params)
     inner_prepare = prepare_batch
+    if uses_reference:
+        check_lora_reference(model, config, name)
+    # LoRA: the reference is the base model on the policy params (reference_for): nothing to hold in frozen
+    holds_ref = uses_reference and not has_adapters(model)
 
     def prepare_batch(batch, frozen, algo_state):
         """The algorithm's ``prepare_batch`` after checking that the rollout batch has the fields it reads."""
@@ -1244,13 +1280,13 @@ def make_algorithm(name: str, model, config, *, loss_fn, prepare_batch, uses_ref
         """``Frozen(ref_params=<a copy of the policy part of params>)`` when the loss uses a reference, else
         ``None``. Pass the placed train state's params (``state.params``): the copy keeps their sharding and never
         aliases the donated state."""
-        if not uses_reference:
+        if not holds_ref:
             return None
         return Frozen(ref_params=jax.tree.map(lambda x: jnp.array(x, copy=True), policy_params(params)))
 
     return OnPolicyAlgorithm(
         name=name, loss_fn=loss_fn, batch_fields=reads, optional_batch_fields=optional, prepare_batch=prepare_batch,
-        frozen_type=Frozen if uses_reference else None, init_frozen=init_frozen,
-        frozen_specs=Frozen(ref_params=logical_axes(model)) if uses_reference else None,
+        frozen_type=Frozen if holds_ref else None, init_frozen=init_frozen,
+        frozen_specs=Frozen(ref_params=logical_axes(model)) if holds_ref else None,
         config=config, model=model, num_epochs=int(num_epochs), num_minibatches=int(num_minibatches),
         uses_reference=uses_reference, **extra)

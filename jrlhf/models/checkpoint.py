@@ -313,7 +313,11 @@ def _export_head(model, head: Optional[str]) -> str:
 
 
 def hf_state_dict(model, params, dtype: Any = None, head: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """HF-named numpy tensors of ``params`` (``dtype`` default: as stored; ``head`` as in :func:`save_pretrained`)."""
+    """HF-named numpy tensors of ``params`` (``dtype`` default: as stored; ``head`` as in :func:`save_pretrained`).
+    A LoRA model's adapters are merged into the kernels (:func:`jrlhf.models.lora.merge_params`)."""
+    from jrlhf.models.lora import merge_params
+
+    model, params = merge_params(model, params)
     config: ModelConfig = model.config
     family = FAMILY_WEIGHTS[config.family]
     head = _export_head(model, head)
@@ -342,12 +346,17 @@ def save_pretrained(model, params, path: str, dtype: Any = None, max_shard_size=
     ``...ForSequenceClassification`` with ``num_labels=1`` (``AutoModelForSequenceClassification``); "lm+value"
     writes the causal LM plus ``score.weight`` (transformers reports it as unexpected and ignores it;
     ``from_pretrained(..., head="lm+value")`` reloads both). An "lm+value" model can export either view alone.
+    A LoRA model (``model.config.lora``) is written merged (``W + s A B``): a plain checkpoint of the base
+    architecture (:func:`jrlhf.models.lora.save_peft_adapter` writes the adapters alone, in PEFT's format).
     dtype: dtype of the written tensors (default: the parameters' dtype). Checkpoints larger than
     ``max_shard_size`` (bytes or e.g. "2GB") are split into ``model-0000i-of-0000n.safetensors`` with an index.
     """
     from safetensors.numpy import save_file
 
+    from jrlhf.models.lora import merge_params
+
     os.makedirs(path, exist_ok=True)
+    model, params = merge_params(model, params)  # a LoRA model exports W + s A B: a plain checkpoint
     head = _export_head(model, head)
     tensors = hf_state_dict(model, params, dtype, head)
     written_dtype = dtype if dtype is not None else next(iter(tensors.values())).dtype

@@ -81,6 +81,10 @@ class ModelConfig:
     loop, which updates the cache in place.
     Dropout is off unless ``dropout_rate`` / ``attention_dropout_rate`` are set and the forward pass is
     called with ``deterministic=False``.
+
+    ``lora``: ``None`` or a :class:`jrlhf.models.lora.LoraConfig` (or a dict of its fields): low-rank adapters on
+    the projections it targets, as extra parameter leaves (``wq_lora_a``...); not part of the Hugging Face config
+    (:func:`jrlhf.models.save_pretrained` writes the merged weights).
     """
 
     family: str = "llama"
@@ -122,9 +126,18 @@ class ModelConfig:
     scan_unroll: int = 1
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    lora: Any = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.lora is not None:
+            from jrlhf.models.lora import LoraConfig
+
+            if isinstance(self.lora, dict):
+                set_("lora", LoraConfig(**self.lora))
+            elif not isinstance(self.lora, LoraConfig):
+                raise ValueError(f"ModelConfig.lora must be a jrlhf.models.lora.LoraConfig, a dict of its fields or "
+                                 f"None, got {type(self.lora).__name__}")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family={self.family!r} is not supported; choose one of {FAMILIES}")
         if self.num_kv_heads is None:

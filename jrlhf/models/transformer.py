@@ -33,6 +33,7 @@ from jax import lax
 
 from jrlhf.models.config import HEADS, ModelConfig
 from jrlhf.models.logprobs import logits_from_hidden
+from jrlhf.models.lora import adapter_delta, kernel_targeted
 from jrlhf.models.ops import attention, dense
 
 Array = jax.Array
@@ -169,6 +170,16 @@ class Attention(nn.Module):
         q = dense(x, wq.astype(dt))  # [B, T, N, D]
         k = dense(x, wk.astype(dt))
         v = dense(x, wv.astype(dt))
+        for kernel, heads in (("wq", N), ("wk", K), ("wv", K)):
+            if kernel_targeted(c, kernel):  # LoRA: + s * (x A) B
+                delta = adapter_delta(self, kernel, x, (H,), (heads, D), ("embed",),
+                                      ("heads" if kernel == "wq" else "kv_heads", "head_dim"), self.deterministic)
+                if kernel == "wq":
+                    q = q + delta
+                elif kernel == "wk":
+                    k = k + delta
+                else:
+                    v = v + delta
         if c.qkv_bias:
             q = q + _param(self, "bq", (N, D), ("heads", "head_dim")).astype(dt)
             k = k + _param(self, "bk", (K, D), ("kv_heads", "head_dim")).astype(dt)
@@ -220,6 +231,8 @@ class Attention(nn.Module):
             out = attention(qg, k, v, mask, scale)
         out = jnp.swapaxes(out.reshape(B, N, T, D), 1, 2)  # [B, T, N, D]
         y = dense(out, wo.astype(dt), in_dims=2)
+        if kernel_targeted(c, "wo"):
+            y = y + adapter_delta(self, "wo", out, (N, D), (H,), ("heads", "head_dim"), ("embed",), self.deterministic)
         if c.out_bias:
             y = y + _param(self, "bo", (H,), ("embed",)).astype(dt)
         return y, cache_kv
@@ -229,6 +242,7 @@ class Mlp(nn.Module):
     """SwiGLU-style gated MLP (Llama family) or the plain two-layer MLP (GPT-2)."""
 
     config: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -238,6 +252,9 @@ class Mlp(nn.Module):
 
         def proj(name, bias_name, h, shape, axes):
             out = dense(h, _param(self, name, shape, axes).astype(dt))
+            if kernel_targeted(c, name):  # LoRA: + s * (h A) B
+                out = out + adapter_delta(self, name, h, shape[:1], shape[1:], axes[:1], axes[1:],
+                                          self.deterministic)
             if c.mlp_bias:
                 out = out + _param(self, bias_name, shape[-1:], axes[-1:]).astype(dt)
             return out
@@ -270,7 +287,7 @@ class Block(nn.Module):
         if c.dropout_rate > 0.0 and not self.deterministic:
             attn = nn.Dropout(c.dropout_rate)(attn, deterministic=False)
         x = x + attn
-        h = Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
+        h = Mlp(c, self.deterministic, name="mlp")(Norm(c, name="mlp_norm")(x))
         if c.sandwich_norm:
             h = Norm(c, name="post_mlp_norm")(h)
         if c.dropout_rate > 0.0 and not self.deterministic:
@@ -492,13 +509,24 @@ def _single_draw_init(rng, treedef_and_meta, dtype):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+ADAPTER_RNG_SALT = 0x10A
+"""``init_model`` draws LoRA adapters from ``fold_in(rng, ADAPTER_RNG_SALT)`` and the base from ``rng``, so a LoRA
+model's base equals the model drawn without adapters from the same key."""
+
+
 def init_model(config: ModelConfig, rng: Array, head: str = "lm"):
     """Builds the model for ``head`` and randomly initialised parameters: returns ``(model, params)`` with params a
     plain pytree ``{"params": {...}}`` in ``config.param_dtype``.
 
-    Kernels and embeddings are ``N(0, initializer_range^2)``, biases zero, norm scales one. For models up to
+    Kernels and embeddings are ``N(0, initializer_range^2)``, biases zero, norm scales one; LoRA adapters
+    (``config.lora``) as :func:`jrlhf.models.lora.init_adapters` (``B`` zero). For models up to
     ~134M parameters all normal tensors come from a single draw (fast to compile); larger ones use ``model.init``.
     """
+    if config.lora is not None:  # the base drawn as without adapters, then fresh adapters (B = 0)
+        from jrlhf.models.lora import add_adapters
+
+        base, params = init_model(config.replace(lora=None), rng, head)
+        return add_adapters(base, params, config.lora, jax.random.fold_in(rng, ADAPTER_RNG_SALT))
     model = build_model(config, head)
     shapes = abstract_params(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
