@@ -200,8 +200,8 @@ class Attention(nn.Module):
             # keys/values into the ``[L, B, S, K, D]`` cache once, after the layer scan. Writing it inside the
             # scan (cache in the scan carry) made a decode step's time grow about 3x faster with the cache length
             # on XLA:CPU (SmolLM2-135M, 32 rows: +0.17 s per 128 slots, now +0.06 s). Queries attend to the
-            # cached slots before
-            # ``cache_index`` and to the ``T`` new tokens (slots ``cache_index + j``), with one softmax over both.
+            # cached slots before ``cache_index`` and to the ``T`` new tokens (slots ``cache_index + j``), with one
+            # softmax over both.
             cache_k, cache_v = cache_kv
             index = shared["cache_index"]
             S = cache_k.shape[1]
