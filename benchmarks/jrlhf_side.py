@@ -58,7 +58,8 @@ class CompileTracker:
         try:
             yield record
         finally:
-            cls._active.remove(record)
+            # by identity: nested blocks hold equal dicts
+            cls._active[:] = [r for r in cls._active if r is not record]
 
 
 class JaxRunner(Runner):

@@ -206,22 +206,38 @@ class Attention(nn.Module):
         qg = q.reshape(B, K, G, T, D)
         dropout = c.attention_dropout_rate > 0.0 and not self.deterministic
 
-        if cache_kv is not None:  # cache layout [L, B, S, K, D]; inference only, no custom gradient needed
+        if cache_kv is not None:  # inference only, no custom gradient needed
+            # This layer's cache ``[B, S, K, D]`` is read, never written here: the model writes every layer's new
+            # keys/values into the ``[L, B, S, K, D]`` cache once, after the layer scan. Writing it inside the
+            # scan (cache in the scan carry) made a decode step's time grow about 3x faster with the cache length
+            # on XLA:CPU (SmolLM2-135M, 32 rows: +0.17 s per 128 slots, now +0.06 s). Queries attend to the
+            # cached slots before ``cache_index`` and to the ``T`` new tokens (slots ``cache_index + j``), with one
+            # softmax over both.
             cache_k, cache_v = cache_kv
-            layer, index = layer_inputs["layer"], shared["cache_index"]
-            new_k = jnp.swapaxes(k, 1, 2)[None].astype(cache_k.dtype)
-            new_v = jnp.swapaxes(v, 1, 2)[None].astype(cache_v.dtype)
-            cache_k = lax.dynamic_update_slice(cache_k, new_k, (layer, 0, index, 0, 0))
-            cache_v = lax.dynamic_update_slice(cache_v, new_v, (layer, 0, index, 0, 0))
-            keys = lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(dt)
-            values = lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(dt)
-            cache_kv = (cache_k, cache_v)
-            scores = jnp.einsum("bkgtd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, None, None], scores * np.float32(scale), _NEG)
+            index = shared["cache_index"]
+            S = cache_k.shape[1]
+            mask = jnp.broadcast_to(mask, (mask.shape[0], T, S))
+            # T new tokens filling all S slots (a prefill into a cache of its own length) leave no cached slot to
+            # read: that part is left out statically
+            S_old = 0 if T >= S else S
+            mask_new = lax.dynamic_slice_in_dim(mask, index, T, axis=2)  # [B, T, T]
+            scores_new = jnp.einsum("bkgtd,bkud->bkgtu", qg, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(mask_new[:, None, None], scores_new * np.float32(scale), _NEG)
+            if S_old:
+                mask_old = mask & (jnp.arange(S, dtype=jnp.int32) < index)[None, None, :]
+                scores_old = jnp.einsum("bkgtd,bskd->bkgts", qg, cache_k.astype(dt),
+                                        preferred_element_type=jnp.float32)
+                scores = jnp.concatenate(
+                    [jnp.where(mask_old[:, None, None], scores_old * np.float32(scale), _NEG), scores], axis=-1)
             probs = jax.nn.softmax(scores, axis=-1)
             if dropout:
                 probs = nn.Dropout(c.attention_dropout_rate)(probs, deterministic=False)
-            out = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(dt), values)
+            probs = probs.astype(dt)
+            out = jnp.einsum("bkgtu,bkud->bkgtd", probs[..., S_old:], v)
+            if S_old:
+                out = out + jnp.einsum("bkgts,bskd->bkgtd", probs[..., :S_old], cache_v.astype(dt))
+            # the new keys/values ``[B, T, K, D]`` for the model to write at slots cache_index...
+            cache_kv = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
         elif dropout:
             scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
             scores = jnp.where(mask[:, None, None], scores * np.float32(scale), _NEG)
@@ -268,7 +284,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the scan body over layers (carry: hidden [+ cache k/v])."""
+    """One pre-norm decoder layer; the scan body over layers (carry: hidden; with a cache, the layer's cache slice
+    comes in ``layer_inputs`` and the layer's new keys/values go out as the scan output)."""
 
     config: ModelConfig
     deterministic: bool = True
@@ -276,10 +293,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_inputs, shared):
         c = self.config
-        if shared["cache_index"] is None:
-            x, cache_kv = carry, None
-        else:
-            x, cache_kv = carry[0], carry[1:]
+        x = carry
+        cache_kv = None if shared["cache_index"] is None else (layer_inputs["cache_k"], layer_inputs["cache_v"])
         h = Norm(c, name="attn_norm")(x)
         attn, cache_kv = Attention(c, self.deterministic, name="attn")(h, shared, layer_inputs, cache_kv)
         if c.sandwich_norm:
@@ -293,8 +308,7 @@ class Block(nn.Module):
         if c.dropout_rate > 0.0 and not self.deterministic:
             h = nn.Dropout(c.dropout_rate)(h, deterministic=False)
         x = x + h
-        new_carry = x if cache_kv is None else (x, *cache_kv)
-        return new_carry, None
+        return x, cache_kv  # with a cache: this layer's new keys/values [B, T, K, D] (the scan stacks them)
 
 
 _REMAT_POLICIES = {
@@ -421,13 +435,12 @@ class _DecoderModel(nn.Module):
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                          in_axes=(0, nn.broadcast), length=c.num_layers,
-                         # with a KV cache in the carry the rolled loop updates the cache in place: unrolling it
-                         # made decoding 13-33% slower on CPU, so scan_unroll applies to cache-free passes only
+                         # scan_unroll applies to cache-free passes only (decoding measured 13-33% slower unrolled)
                          unroll=1 if cache is not None else min(c.scan_unroll, c.num_layers),
                          metadata_params={nn.PARTITION_NAME: "layers"})(c, deterministic, name="layers")
-        carry = x if cache is None else (x, cache.k, cache.v)
-        carry, _ = layers(carry, layer_inputs, shared)
-        x = carry if cache is None else carry[0]
+        if cache is not None:
+            layer_inputs["cache_k"], layer_inputs["cache_v"] = cache.k, cache.v
+        x, new_kv = layers(x, layer_inputs, shared)
         hidden = Norm(c, name="final_norm")(x)
 
         # ---- heads
@@ -450,7 +463,10 @@ class _DecoderModel(nn.Module):
         out = outputs[0] if len(outputs) == 1 else tuple(outputs)
         if cache is None:
             return out
-        new_cache = KVCache(k=carry[1], v=carry[2], mask=new_mask, index=cache.index + T)
+        # every layer's new keys/values [L, B, T, K, D] written at slots cache_index.. in one update per array
+        new_k = lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), (0, 0, cache_index, 0, 0))
+        new_v = lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), (0, 0, cache_index, 0, 0))
+        new_cache = KVCache(k=new_k, v=new_v, mask=new_mask, index=cache.index + T)
         return out, new_cache
 
 
