@@ -116,6 +116,12 @@ def test_mismatch_metrics_match_numpy():
     outside = (np.exp(d) < 1 / 3) | (np.exp(d) > 3)
     assert float(got["sampling/importance_sampling_ratio/frac_outside"]) == pytest.approx(outside.mean())
     assert outside.sum() == 3  # -1.5, 1.5, -2.0 of the hand-made log ratios
+    # float32 rounding-sized mismatches (|log r| ~ 1e-7..1e-3): k3 keeps its relative accuracy
+    sampler = np.full((1, 4), -1.0, np.float32)
+    trainer = sampler + np.array([[2e-7, -3e-5, 8e-4, -5e-3]], np.float32)
+    d = trainer.astype(np.float64) - sampler
+    got = losses.rollout_mismatch_metrics(trainer, sampler, np.ones((1, 4), bool), clip_max=3.0)
+    assert float(got["sampling/k3_kl"]) == pytest.approx(np.mean(np.expm1(d) - d), rel=1e-4)
 
 
 def test_importance_weight_metrics_count_tokens_or_sequences():
@@ -227,7 +233,7 @@ def test_rollout_measures_the_sampler_trainer_mismatch():
 
 
 def _check_mismatch(dtype):
-    tokenizer, model, algo, state, _ = _setup(grpo.Config(**BASE), dtype)
+    tokenizer, model, algo, state, _ = _setup(grpo.Config(**BASE, log_rollout_mismatch=True), dtype)
     out = algo.rollout(state.params, RECORDS, jax.random.PRNGKey(7), tokenizer=tokenizer)
     mask, d = _np_metrics(out)
     assert mask.sum() == 16 * 12
@@ -254,11 +260,21 @@ def _ctx(prepared, globals_):
                        globals={**default_globals(prepared), **globals_, "num_microbatches": 1.0})
 
 
+def test_mismatch_forward_is_opt_in():
+    """Without ``log_rollout_mismatch`` and the correction, the rollout runs no trainer forward: no
+    ``trainer_logps``, no ``sampling/*`` metrics, and ``old_logps`` are the sampler's."""
+    tokenizer, _, algo, state, _ = _setup(grpo.Config(**BASE), "float32")
+    out = algo.rollout(state.params, RECORDS, jax.random.PRNGKey(7), tokenizer=tokenizer)
+    assert out.trainer_logps is None
+    assert not [k for k in out.metrics if k.startswith("sampling/")]
+    np.testing.assert_array_equal(np.asarray(out.batch.old_logps), np.asarray(out.sampler_logps))
+
+
 def test_corrected_grpo_loss_equals_numpy():
     """bf16 compute, correction on, each mode with bounds set between the rollout's own log ratios (so that the
     mask modes drop some tokens / sequences and keep others): prepare_batch's weights and mask equal numpy's, and
     the GRPO (dapo) loss equals the loss written out with those weights and the kept-token count."""
-    tokenizer, model, algo, state, update = _setup(grpo.Config(**BASE), "bfloat16")
+    tokenizer, model, algo, state, update = _setup(grpo.Config(**BASE, log_rollout_mismatch=True), "bfloat16")
     rng = jax.random.PRNGKey(7)
     plain = algo.rollout(state.params, RECORDS, rng, tokenizer=tokenizer)
     mask, _ = _np_metrics(plain)

@@ -93,8 +93,12 @@ class RolloutConfig:
       vllm_importance_sampling_correction: correct for the sampler/trainer mismatch (TRL's name; here the sampler
         is jrlhf's KV-cache decode): the rollout's ``old_logps`` become the trainer's recomputed log-probs and the
         sampler's are kept as ``sampler_logps``; the policy loss is weighted (or masked) by their ratio
-        (:func:`jrlhf.losses.rollout_importance_weights`). Off by default: ``old_logps`` are the sampler's. The
-        mismatch metrics (``sampling/*``) are logged either way.
+        (:func:`jrlhf.losses.rollout_importance_weights`). Off by default: ``old_logps`` are the sampler's. With it
+        on, the mismatch metrics (``sampling/*``) are logged too.
+      log_rollout_mismatch: also without the correction, run the trainer's forward over every rollout and log the
+        ``sampling/*`` mismatch metrics (mean and max ``|logp_sampler - logp_trainer|``, their k3 KL, the share of
+        ratios outside ``[1/C, C]``). Off by default: it costs one more forward pass of the policy per rollout
+        (TRL computes it only with its vLLM correction on), and jrlhf's sampler and trainer are the same model.
       vllm_importance_sampling_mode: ``token_truncate``, ``token_mask``, ``sequence_truncate`` or ``sequence_mask``
         (TRL 1.16's names and default).
       vllm_importance_sampling_clip_max: the cap ``C`` (TRL's default 3; ``None``: no upper bound, mask modes only);
@@ -126,6 +130,7 @@ class RolloutConfig:
     vllm_importance_sampling_mode: str = "sequence_mask"
     vllm_importance_sampling_clip_max: float | None = 3.0
     vllm_importance_sampling_clip_min: float | None = None
+    log_rollout_mismatch: bool = False
     dynamic_sampling: bool = False
     max_num_gen_batches: int = 10
 
@@ -545,7 +550,8 @@ class Rollout(NamedTuple):
       scores: ``[R]`` float32 numpy: the combined rewards (before ``host_score_fn``; NaN = unscorable).
       rewards: ``{source name: [R] float32}`` per reward source before weighting (NaN = ``None``).
       trainer_logps: ``[R, N]`` float32 device array: the trained policy's forward on the rollout (what the
-        ``sampling/*`` mismatch metrics compare with the sampler's log-probs).
+        ``sampling/*`` mismatch metrics compare with the sampler's log-probs); ``None`` unless
+        ``config.log_rollout_mismatch`` or the correction is on.
       sampler_logps: ``[R, N]`` float32 device array: the sampler's log-probs.
     """
 
@@ -593,6 +599,7 @@ class _ForwardSpec(NamedTuple):
     mesh: _Key
     policy_model: _Key = _Key(None)
     correction: tuple = (False, "sequence_mask", 3.0, None)  # (on, mode, clip_max, clip_min)
+    mismatch: bool = False  # run the trainer's forward over the rollout (the sampling/* metrics)
 
 
 def _pin(mesh, rows):
@@ -637,12 +644,14 @@ def _forward_impl(spec: _ForwardSpec, policy_params, value_params, ref_params, r
     loss_mask = jnp.concatenate([jnp.zeros_like(prompt_part), trained], axis=1)
     out = {"input_ids": pin(ids), "attention_mask": pin(attention), "loss_mask": pin(loss_mask),
            "truncated": pin(truncated.astype(jnp.int32))}
-    # the trainer's numerics on the sampled tokens: the same forward the loss runs (full sequence, no KV cache)
-    trainer_logps, _, _ = completion_forward(spec.policy_model.obj, policy_params, ids, attention, spec.n_tokens,
-                                             temperature=spec.temperature, chunk_size=spec.chunk_size,
-                                             with_entropy=False)
-    trainer_logps = pin(trainer_logps)
-    metrics = mismatch_metrics(trainer_logps, sampler_logps, trained > 0, spec.correction)
+    trainer_logps, metrics = None, {}
+    if spec.mismatch or spec.correction[0]:
+        # the trainer's numerics on the sampled tokens: the same forward the loss runs (full sequence, no KV cache)
+        trainer_logps, _, _ = completion_forward(spec.policy_model.obj, policy_params, ids, attention,
+                                                 spec.n_tokens, temperature=spec.temperature,
+                                                 chunk_size=spec.chunk_size, with_entropy=False)
+        trainer_logps = pin(trainer_logps)
+        metrics = mismatch_metrics(trainer_logps, sampler_logps, trained > 0, spec.correction)
     if spec.correction[0]:
         out["old_logps"], out["sampler_logps"] = trainer_logps, sampler_logps
     else:
@@ -815,7 +824,8 @@ def rollout(model, params, prompts, rng, config=None, *, tokenizer=None, reward_
                         mask_truncated=bool(config.mask_truncated_completions),
                         ref_model=_Key(lm_view(ref_model) if ref_model is not None else lm),
                         reward_model=_Key(reward_model), values_fn=_Key(values_fn), mesh=_Key(mesh),
-                        policy_model=_Key(lm), correction=correction_of(config))
+                        policy_model=_Key(lm), correction=correction_of(config),
+                        mismatch=bool(getattr(config, "log_rollout_mismatch", False)))
     device, rm_scores, trainer_logps, sampling_metrics = _forward_jit(
         spec, params, params if value_params is None else value_params, ref_params, reward_params, prompt_ids,
         prompt_mask, sample.tokens, sample.mask, sample.truncated, sample.logps)
@@ -911,8 +921,10 @@ def dynamic_rollout(model, params, prompts, rng, config, *, next_prompts: Callab
     chosen += [(i, g, True) for i, g in dropped[:filled]]
 
     host = [{name: np.asarray(jax.device_get(value)) for name, value in out.batch.items()} for out in rounds]
+    with_trainer = rounds[0].trainer_logps is not None
     for part, out in zip(host, rounds):
-        part["_trainer_logps"] = np.asarray(jax.device_get(out.trainer_logps))
+        if with_trainer:
+            part["_trainer_logps"] = np.asarray(jax.device_get(out.trainer_logps))
         part["_sampler_logps"] = np.asarray(jax.device_get(out.sampler_logps))
     width = max(part["input_ids"].shape[1] for part in host)
     for part in host:
@@ -935,7 +947,7 @@ def dynamic_rollout(model, params, prompts, rng, config, *, next_prompts: Callab
         for k in rewards:
             rewards[k].append(rounds[i].rewards[k][sl])
     arrays = {name: np.concatenate(values) for name, values in rows.items()}
-    trainer_logps, sampler_logps = arrays.pop("_trainer_logps"), arrays.pop("_sampler_logps")
+    trainer_logps, sampler_logps = arrays.pop("_trainer_logps", None), arrays.pop("_sampler_logps")
     mesh = kwargs.get("mesh") or sampling._mesh_of(params)
     total = arrays["scores"].shape[0]
 
@@ -949,16 +961,18 @@ def dynamic_rollout(model, params, prompts, rng, config, *, next_prompts: Callab
     completion_mask = arrays["attention_mask"][:, -n:]
     metrics = _rollout_metrics(scores, rewards, completion_mask, arrays["truncated"], n_gen, None)
     trained = arrays["loss_mask"][:, -n:] > 0
-    sampling_metrics = mismatch_metrics(jnp.asarray(trainer_logps), jnp.asarray(sampler_logps), jnp.asarray(trained),
-                                        correction_of(config))
-    metrics.update({k: float(v) for k, v in jax.device_get(sampling_metrics).items()})
+    if trainer_logps is not None:
+        sampling_metrics = mismatch_metrics(jnp.asarray(trainer_logps), jnp.asarray(sampler_logps),
+                                            jnp.asarray(trained), correction_of(config))
+        metrics.update({k: float(v) for k, v in jax.device_get(sampling_metrics).items()})
     metrics["_num_tokens"] = tokens
     metrics["frac_reward_zero_std"] = first.get("frac_reward_zero_std", 0.0)
     metrics["dynamic_sampling/gen_rounds"] = float(len(rounds))
     metrics["dynamic_sampling/groups_dropped"] = float(len(dropped))
     metrics["dynamic_sampling/groups_filled"] = float(filled)
     return Rollout(batch=RolloutBatch(**device), metrics=metrics, prompts=prompts_out, completions=completions,
-                   scores=scores, rewards=rewards, trainer_logps=place(trainer_logps),
+                   scores=scores, rewards=rewards,
+                   trainer_logps=None if trainer_logps is None else place(trainer_logps),
                    sampler_logps=place(sampler_logps))
 
 
