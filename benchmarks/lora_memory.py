@@ -1,8 +1,12 @@
 """What XLA plans for one DPO step: full fine-tuning with a reference copy vs LoRA with the base as the reference.
 
-    python -m benchmarks.lora_memory CONFIG_JSON [--pairs 8] [--length 512] [--r 16] [--remat full]
+    python -m benchmarks.lora_memory CONFIG_JSON|SIZE [--pairs 8] [--length 512] [--r 16] [--remat full]
+        [--dtype float32] [--base-dtype float32]
 
-CONFIG_JSON is a Hugging Face ``config.json`` (e.g. SmolLM2-135M-Instruct's); nothing is allocated: the step is
+CONFIG_JSON is a Hugging Face ``config.json`` (e.g. SmolLM2-135M-Instruct's), SIZE a name of
+``benchmarks.sizes.SIZES`` with a Hugging Face config (``qwen2-0.5b``, ``qwen2-1.5b``). ``--dtype`` is the compute
+dtype of both settings; full fine-tuning keeps float32 params (master weights) and AdamW state, LoRA stores the
+frozen base in ``--base-dtype`` and the adapters and their AdamW state in float32. Nothing is allocated: the step is
 lowered on abstract shapes (random weights would give the same plan) and compiled for one device, and
 ``compiled.memory_analysis()`` is printed per setting: arguments (params, optimizer state, frozen reference, batch),
 temporaries, outputs, aliased (donated) bytes and their total (``arguments + temporaries + outputs - aliased``).
@@ -33,14 +37,16 @@ def _abstract_state(params, opt, shardings):
         nonfinite_count=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.nonfinite_count))
 
 
-def measure(hf_config: dict, *, lora_r: int | None, pairs: int, length: int, remat: str) -> dict:
+def measure(hf_config: dict, *, lora_r: int | None, pairs: int, length: int, remat: str, dtype: str = "float32",
+            base_dtype: str = "float32") -> dict:
     from jrlhf.algorithms import dpo
     from jrlhf.models import ModelConfig, abstract_params, build_model, logical_axes
     from jrlhf.models.lora import LoraConfig, trainable_mask
     from jrlhf.sharding import MeshConfig, make_mesh, replicated
     from jrlhf.step import OptimizerConfig, make_optimizer, train_state_shardings
 
-    config = ModelConfig.from_hf_dict(hf_config, remat=remat,
+    config = ModelConfig.from_hf_dict(hf_config, remat=remat, dtype=dtype,
+                                      param_dtype=base_dtype if lora_r else "float32",
                                       lora=LoraConfig(r=lora_r, alpha=2 * lora_r) if lora_r else None)
     model = build_model(config, "lm")
     params = abstract_params(model)
@@ -77,17 +83,25 @@ def measure(hf_config: dict, *, lora_r: int | None, pairs: int, length: int, rem
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config_json")
+    parser.add_argument("config_json", help="a Hugging Face config.json, or a benchmarks.sizes name")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of both settings")
+    parser.add_argument("--base-dtype", default="float32", help="storage dtype of LoRA's frozen base")
     args = parser.parse_args(argv)
-    with open(args.config_json) as f:
-        hf_config = json.load(f)
+    from benchmarks.sizes import SIZES
+
+    if args.config_json in SIZES:
+        hf_config = SIZES[args.config_json].hf_config
+    else:
+        with open(args.config_json) as f:
+            hf_config = json.load(f)
     rows = []
     for lora_r in (None, args.r):
-        row = measure(hf_config, lora_r=lora_r, pairs=args.pairs, length=args.length, remat=args.remat)
+        row = measure(hf_config, lora_r=lora_r, pairs=args.pairs, length=args.length, remat=args.remat,
+                      dtype=args.dtype, base_dtype=args.base_dtype)
         print(json.dumps(row), flush=True)
         rows.append(row)
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
