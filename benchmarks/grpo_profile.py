@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,17 +91,9 @@ def main(argv=None) -> int:
 
     path = args.recipe if args.recipe.endswith(".yaml") else f"builtin:{args.recipe}"
     cfg = load_config(path, args.overrides)
-    out_dir = tempfile.mkdtemp(prefix="jrlhf-grpo-profile-")
-    cfg.train.output_dir = out_dir
-    cfg.train.steps = args.steps
-    cfg.train.log_every = 1
-    cfg.train.eval_every = 0
-    cfg.train.save_every = 0
-    cfg.train.export_hf = False
-    cfg.train.progress_bar = False
-    cfg.train.tensorboard = False
-    cfg.data.eval_prompts = None
-    cfg.data.max_eval_examples = 1
+    from benchmarks.recipes_trl import timed_run_config
+
+    out_dir = timed_run_config(cfg, args.steps, "jrlhf-grpo-profile-")
     start = time.perf_counter()
     jrlhf.train(cfg)
     total = time.perf_counter() - start
@@ -143,7 +134,6 @@ def decode_split(cfg) -> dict:
 
     from jrlhf import sampling
     from jrlhf.algorithms import onpolicy
-    from jrlhf.algorithms.base import tokenize_train  # noqa: F401  (the recipe's tokenisation path)
     from jrlhf.models import from_pretrained
     from jrlhf.train_loop import resolve_tokenizer
 

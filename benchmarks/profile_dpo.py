@@ -296,11 +296,9 @@ def main(argv=None) -> int:
     result = run_jax(args) if args.side == "jax" else run_torch(args)
     result.update(side=args.side, rows=args.rows, length=args.length, completion=args.completion,
                   load_average=os.getloadavg())
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    from benchmarks.recipes_trl import emit
+
+    emit(result, args.out)
     return 0
 
 

@@ -69,11 +69,11 @@ def _torch_threads():
 # ------------------------------------------------------------------------------------------------------ jrlhf
 
 
-def run_jrlhf(cfg, steps: int, warmup: int) -> dict:
-    """The recipe itself for ``steps`` steps (no evaluation, export or checkpoints), timed from its metrics log."""
-    import jrlhf
-
-    out_dir = tempfile.mkdtemp(prefix="jrlhf-recipe-bench-")
+def timed_run_config(cfg, steps: int, prefix: str) -> str:
+    """Sets a recipe's config for a timed run in place: ``steps`` steps into a fresh temporary output directory
+    (returned), a metrics line every step, no evaluation, checkpoint, export, progress bar or TensorBoard (the final
+    evaluation is cut to one example: it is not what is measured)."""
+    out_dir = tempfile.mkdtemp(prefix=prefix)
     cfg.train.output_dir = out_dir
     cfg.train.steps = steps
     cfg.train.log_every = 1
@@ -83,8 +83,25 @@ def run_jrlhf(cfg, steps: int, warmup: int) -> dict:
     cfg.train.progress_bar = False
     cfg.train.tensorboard = False
     cfg.data.eval_prompts = None
+    cfg.data.max_eval_examples = 1
+    return out_dir
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Prints ``result`` as one JSON line and appends it to the file ``out`` when given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def run_jrlhf(cfg, steps: int, warmup: int) -> dict:
+    """The recipe itself for ``steps`` steps (no evaluation, export or checkpoints), timed from its metrics log."""
+    import jrlhf
+
+    out_dir = timed_run_config(cfg, steps, "jrlhf-recipe-bench-")
     cfg.data.eval = None
-    cfg.data.max_eval_examples = 1  # the final evaluation (on one held-out pair) is not what is measured here
     import jax
 
     compiles = []  # (event, seconds) of jax's trace / lowering / XLA compile events during the run
@@ -264,11 +281,7 @@ def main(argv=None) -> int:
         run = run_trl_dpo if cfg.algorithm == "dpo" else run_trl_grpo
         result = run(cfg, args.steps, args.warmup, gc)
     result["overrides"] = args.overrides
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
     return 0
 
 
