@@ -25,7 +25,7 @@ def stages(out: str, quick: bool):
     rm_model = os.path.join(out, "reward", "hf_model")
     common = ["train.progress_bar=true"]
     if quick:
-        common += ["train.steps=4", "train.log_every=2", "train.eval_every=0", "data.max_eval_examples=64",
+        common += ["train.steps=2", "train.log_every=1", "train.eval_every=0", "data.max_eval_examples=32",
                    "optim.warmup_steps=0"]
     from_sft = common + [f"train.init_from={sft_model}"]
     return [

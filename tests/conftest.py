@@ -9,6 +9,21 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+# One persistent XLA compilation cache for the whole test run: the pytest-xdist workers and every `jrlhf` subprocess a
+# test starts inherit this variable, so a program that several tests compile (the same tiny model's train step,
+# sampler or evaluation) is compiled once. Entries are keyed by the program, jax version and flags, so a hit is the
+# same executable. JRLHF_TEST_JAX_CACHE=0 turns it off; the directory is removed when the creating process exits.
+if os.environ.get("JRLHF_TEST_JAX_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="jrlhf-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -177,13 +177,24 @@ def test_a_checkpoint_with_the_reference_in_a_dict_restores_into_dpo_frozen(tmp_
     np.testing.assert_array_equal(restored["frozen"].ref_params["params"]["w"], np.arange(6.0).reshape(2, 3))
 
 
-def _completion_logp_numpy(model, params, ids, loss_mask) -> float:
-    """Summed log-probs of one unpadded sequence's completion tokens, log-softmax written out in numpy."""
-    logits = np.asarray(model.apply(params, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))[0], np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    targets = np.asarray(ids[1:])
-    return float(np.sum(logp[np.arange(len(ids) - 1), targets] * np.asarray(loss_mask[1:])))
+def _completion_logps_numpy(model, params, sequences) -> np.ndarray:
+    """Summed log-probs of each sequence's completion tokens, log-softmax written out in numpy: ``sequences`` is a
+    list of ``(ids, loss_mask)``. The sequences run in one call, right-padded to the longest; under causal attention
+    a real position never sees the padding after it, so its logits are those of the sequence alone."""
+    longest = max(len(ids) for ids, _ in sequences)
+    batch = np.zeros((len(sequences), longest), np.int32)
+    for row, (ids, _) in enumerate(sequences):
+        batch[row, :len(ids)] = ids
+    logits = np.asarray(jax.jit(model.apply)(params, jnp.asarray(batch), jnp.ones(batch.shape, jnp.int32)),
+                        np.float64)
+    out = []
+    for row, (ids, loss_mask) in enumerate(sequences):
+        logp = logits[row, :len(ids)]
+        logp = logp - logp.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        targets = np.asarray(ids[1:])
+        out.append(float(np.sum(logp[np.arange(len(ids) - 1), targets] * np.asarray(loss_mask[1:]))))
+    return np.asarray(out)
 
 
 @pytest.mark.slow
@@ -210,12 +221,10 @@ def test_dpo_held_out_rewards_equal_numpy_after_training(tmp_path):
     examples = data.tokenize(records, tokenizer, "preference", **base.length_limits(build_config(cfg).data)).examples
     lengths = {max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples}
     assert len({next(t for t in (8, 16, 24, 48) if n <= t) for n in lengths}) >= 2  # several length groups
-    rewards = []
-    for e in examples:
-        rewards.append([0.1 * (_completion_logp_numpy(model, policy_params, e[f"{s}_input_ids"], e[f"{s}_loss_mask"])
-                               - _completion_logp_numpy(model, ref_params, e[f"{s}_input_ids"], e[f"{s}_loss_mask"]))
-                        for s in ("chosen", "rejected")])
-    rewards = np.asarray(rewards)
+    sequences = [(e[f"{s}_input_ids"], e[f"{s}_loss_mask"]) for e in examples for s in ("chosen", "rejected")]
+    rewards = 0.1 * (_completion_logps_numpy(model, policy_params, sequences)
+                     - _completion_logps_numpy(model, ref_params, sequences))
+    rewards = rewards.reshape(len(examples), 2)  # [pair, (chosen, rejected)]
     final = logged[-1]
     assert final["num_examples"] == len(records)
     np.testing.assert_allclose(final["rewards/margins"], np.mean(rewards[:, 0] - rewards[:, 1]), rtol=1e-4, atol=1e-6)

@@ -101,13 +101,13 @@ def test_fresh_adapters_change_nothing_and_the_base_model_ignores_them():
         bound = 1 / math.sqrt(fan_in)
         assert np.abs(a).max() <= bound and a.std() == pytest.approx(bound / math.sqrt(3), rel=0.15)
     assert all(not v.any() for k, v in flat.items() if k.endswith("_lora_b']"))
-    logits = np.asarray(model.apply(params, ids, mask))
-    assert np.array_equal(logits, np.asarray(plain.apply(plain_params, ids, mask)))  # B = 0: exactly the base
+    logits = np.asarray(jax.jit(model.apply)(params, ids, mask))
+    assert np.array_equal(logits, np.asarray(jax.jit(plain.apply)(plain_params, ids, mask)))  # B = 0: exactly the base
     trained = _random_b(params)
-    assert np.abs(np.asarray(model.apply(trained, ids, mask)) - logits).max() > 1e-2
+    assert np.abs(np.asarray(jax.jit(model.apply)(trained, ids, mask)) - logits).max() > 1e-2
     base = LO.base_model(model)
     assert base.config.lora is None and LO.base_model(plain) is plain
-    assert np.array_equal(np.asarray(base.apply(trained, ids, mask)), logits)  # adapters off: the base, bit for bit
+    assert np.array_equal(np.asarray(jax.jit(base.apply)(trained, ids, mask)), logits)  # adapters off: the base, bit for bit
     gaussian = M.init_model(model.config.replace(lora=LO.LoraConfig(r=4, init="gaussian")), jax.random.PRNGKey(0))[1]
     assert float(np.asarray(gaussian["params"]["layers"]["attn"]["wq_lora_a"]).std()) == pytest.approx(0.25, rel=0.15)
 
@@ -123,12 +123,12 @@ def test_adapted_forward_equals_kernels_merged_in_numpy(family, rslora):
     assert "k_proj" not in targets and "k_proj" in LO.DEFAULT_TARGETS
     params = _random_b(params)
     ids, mask = _batch()
-    expected = np.asarray(plain.apply(_np_merged(params, lora, targets), ids, mask))
-    got = np.asarray(model.apply(params, ids, mask))
+    expected = np.asarray(jax.jit(plain.apply)(_np_merged(params, lora, targets), ids, mask))
+    got = np.asarray(jax.jit(model.apply)(params, ids, mask))
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
     merged_model, merged = LO.merge_params(model, params)
     assert merged_model.config.lora is None
-    assert np.abs(np.asarray(merged_model.apply(merged, ids, mask)) - expected).max() <= 1e-4
+    assert np.abs(np.asarray(jax.jit(merged_model.apply)(merged, ids, mask)) - expected).max() <= 1e-4
 
 
 def test_bad_lora_settings_are_one_line_errors():
@@ -164,7 +164,7 @@ def test_peft_adapter_and_merged_export_give_the_jrlhf_logits(tmp_path, family, 
     model, params, plain, _ = _models(lora, family=family, tie_word_embeddings=False)
     params = _random_b(params)
     ids, mask = _batch(rows=2)
-    expected = np.asarray(model.apply(params, ids, mask))
+    expected = np.asarray(jax.jit(model.apply)(params, ids, mask))
     base_dir, adapter_dir, merged_dir = (str(tmp_path / n) for n in ("base", "adapter", "merged"))
     M.save_pretrained(plain, LO.strip_adapters(jax.device_get(params)), base_dir)
     LO.save_peft_adapter(model, params, adapter_dir, base_model_name_or_path=base_dir)
@@ -231,7 +231,7 @@ def _lora_dpo_steps(model, params, mesh, batches, lr=0.05, optimizer="adamw"):
 
 def _np_seq_logps(model, params, batch, side):
     ids, attn = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
-    logits = np.asarray(model.apply(params, ids, attn), np.float64)[:, :-1]
+    logits = np.asarray(jax.jit(model.apply)(params, ids, attn), np.float64)[:, :-1]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
         -1, keepdims=True)
     token = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]

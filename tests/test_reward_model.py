@@ -37,13 +37,13 @@ def test_lm_regularised_loss_is_bradley_terry_plus_chosen_token_nll():
     coefficient = 0.7
     loss_fn = reward.make_loss_fn(model, reward.Config(lm_loss_coefficient=coefficient))
     batch, globals_ = preference_globals(batch, None, {})
-    loss, metrics = loss_fn(params, batch, None, StepContext(jax.random.PRNGKey(1), jnp.int32(0), {}, globals_))
+    loss, metrics = jax.jit(loss_fn)(params, batch, None, StepContext(jax.random.PRNGKey(1), jnp.int32(0), {}, globals_))
 
     # reference: numpy over the raw model outputs, one side at a time
     bt, nll, tokens, scores = 0.0, 0.0, 0, {}
     for side in ("chosen", "rejected"):
         ids, attn = np.asarray(batch[f"{side}_input_ids"]), np.asarray(batch[f"{side}_attention_mask"])
-        logits, values = (np.asarray(a) for a in model.apply(params, jnp.asarray(ids), jnp.asarray(attn)))
+        logits, values = (np.asarray(a) for a in jax.jit(model.apply)(params, jnp.asarray(ids), jnp.asarray(attn)))
         last = attn.sum(-1) - 1  # right padded
         scores[side] = values[np.arange(len(ids)), last]
         if side == "chosen":

@@ -178,7 +178,7 @@ def test_selected_token_logprobs_against_numpy(tile):
                                                temperature=0.7) * cot)
 
     args = (jnp.asarray(hidden), jnp.asarray(weight))
-    for g, w in zip(jax.jit(jax.grad(tiled, argnums=(0, 1)))(*args), jax.grad(full, argnums=(0, 1))(*args)):
+    for g, w in zip(jax.jit(jax.grad(tiled, argnums=(0, 1)))(*args), jax.jit(jax.grad(full, argnums=(0, 1)))(*args)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     none = np.zeros((b, t), bool)
     value, grads = jax.value_and_grad(
