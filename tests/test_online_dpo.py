@@ -8,8 +8,8 @@
   ``prepare_batch`` + ``loss_fn`` (sigmoid and ipo). Loss, metrics and gradients agree to 1e-4.
 * **ties**: ``ties='drop'`` on the full batch equals TRL's step on the untied prompts alone (zero weight, global
   count), and splitting the pairs into two micro-batches sums to the same loss.
-* **pairing** and **missing_eos_penalty** on hand-computed cases (``n = 2`` and ``n = 3``, NaN rewards).
-* a short ``jrlhf.train`` run through the loop.
+* **pairing** and **missing_eos_penalty** on hand-computed cases (``n = 2`` and ``n = 3``, NaN rewards), and the
+  config's errors.
 """
 
 from __future__ import annotations
