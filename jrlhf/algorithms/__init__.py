@@ -2,7 +2,7 @@
 plain functions (:class:`jrlhf.algorithms.base.Algorithm`) and a ``setup(run)`` that adds the run's data for the loop.
 
 Offline: ``sft``, ``reward``, ``dpo`` (SimPO, ORPO and every DPO loss type through ``algo.loss_type``).
-On-policy: ``grpo``, ``ppo``, ``rloo``, ``reinforce_pp``.
+On-policy: ``grpo``, ``ppo``, ``rloo``, ``reinforce_pp``, ``online_dpo``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ ALGORITHMS = {
     "ppo": "jrlhf.algorithms.ppo",
     "rloo": "jrlhf.algorithms.rloo",
     "reinforce_pp": "jrlhf.algorithms.reinforce_pp",
+    "online_dpo": "jrlhf.algorithms.online_dpo",
 }
 
 
