@@ -271,15 +271,20 @@ def parity(tmp_path_factory):
     for case, (make_records, args) in CASES.items():
         records = make_records()
         load = dict(dtype=torch.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(root / "policy", **load),
-                                 ref_model=AutoModelForCausalLM.from_pretrained(root / "reference", **load),
-                                 args=KTOConfig(**P._common_args(str(root / "out"), 8), disable_dropout=True,
-                                                **args),
-                                 train_dataset=Dataset.from_list(records), processing_class=tokenizer)
-        batch = next(iter(trainer.get_train_dataloader()))
-        loss, grads = P._backward(trainer, batch)
+        # The KL rows' mean log-ratio of (A, B) is minus that of (B, A): with the roles swapped when TRL's clamp
+        # max(., 0) holds the estimate at 0, the "kto" case always exercises a nonzero reference point.
+        for roles in (("policy", "reference"), ("reference", "policy")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(root / roles[0], **load),
+                                     ref_model=AutoModelForCausalLM.from_pretrained(root / roles[1], **load),
+                                     args=KTOConfig(**P._common_args(str(root / "out"), 8), disable_dropout=True,
+                                                    **args),
+                                     train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+            batch = next(iter(trainer.get_train_dataloader()))
+            loss, grads = P._backward(trainer, batch)
+            if args["loss_type"] != "kto" or P._last(trainer._metrics["train"])["kl"] > 0:
+                break
         arrays = {k: P._as_numpy(v) for k, v in batch.items()}
         length = max(arrays[k].shape[1] for k in arrays if k.endswith("input_ids"))
         fills = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "completion_mask": 0}
@@ -296,13 +301,15 @@ def parity(tmp_path_factory):
         ours = kto.tokenize_kto(records, tokenizer)
         collated = kto.collate_kto(ours.examples, pad_id=tokenizer.pad_token_id, kl=kto.uses_kl(algo))
         out[case] = dict(loss=loss, metrics=P._last(trainer._metrics["train"]), grads=grads, batch=converted,
-                         collated=collated, algo=algo)
-    lm, policy = models.from_pretrained(str(root / "policy"))
-    _, reference = models.from_pretrained(str(root / "reference"))
+                         collated=collated, algo=algo, roles=roles)
+    lm, first = models.from_pretrained(str(root / "policy"))
+    _, second = models.from_pretrained(str(root / "reference"))
 
-    def run_all(policy, reference, batches):
+    def run_all(first, second, batches):
         results = {}
         for case, batch in batches.items():
+            params = {"policy": first, "reference": second}
+            policy, reference = (params[name] for name in out[case]["roles"])
             algorithm = kto.make(lm, out[case]["algo"])
             frozen = algorithm.init_frozen(reference)
             prepared, globals_ = algorithm.prepare_batch(batch, frozen, {}, params=policy)
@@ -315,7 +322,7 @@ def parity(tmp_path_factory):
 
     batches = {case: {k: jnp.asarray(v) for k, v in o["batch"].items()} for case, o in out.items()}
     compiled = jax.jit(run_all, compiler_options={"xla_backend_optimization_level": 0})
-    for case, (loss, metrics, grads) in jax.device_get(compiled(policy, reference, batches)).items():
+    for case, (loss, metrics, grads) in jax.device_get(compiled(first, second, batches)).items():
         out[case]["jrlhf"] = (float(loss), {k: float(v) for k, v in metrics.items()},
                               models.hf_state_dict(lm, grads))
     return P, out
