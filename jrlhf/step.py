@@ -740,7 +740,10 @@ def make_train_step(
         ``num_microbatches * data * fsdp``. Micro-batch ``k`` holds rows ``k, k + M, k + 2M, ...``.
       prepare_batch: ``prepare_batch(batch, frozen, algo_state) -> (batch, globals)``, run once on the whole batch
         before the micro-batch scan (whitening, batch-scaled advantages, sorts...). Its ``globals`` override the
-        defaults; every returned batch array keeps the leading batch dimension.
+        defaults; every returned batch array keeps the leading batch dimension. A ``prepare_batch`` with the attribute
+        ``reads_params = True`` is called as ``prepare_batch(batch, frozen, algo_state, params=...)`` with the
+        current params (cast to ``compute_dtype``; it runs outside the differentiated loss, so nothing it computes
+        carries a gradient), e.g. :mod:`jrlhf.algorithms.kto`'s batch-global KL estimate.
       update_algo_state: ``update_algo_state(algo_state, metrics) -> algo_state``, run in-graph after the update
         (adaptive KL, running means); skipped when the step is not finite.
       compute_dtype: e.g. ``jnp.bfloat16``: floating params are cast to it inside the step before ``loss_fn``;
@@ -764,7 +767,11 @@ def make_train_step(
     prepare = _as_prepare(prepare_batch)
 
     def step_fn(state: TrainState, batch: dict, frozen: Any):
-        batch, user_globals = prepare(batch, frozen, state.algo_state)
+        if getattr(prepare_batch, "reads_params", False):  # e.g. KTO's KL estimate under the current policy
+            batch, user_globals = prepare(batch, frozen, state.algo_state,
+                                          params=_cast_floating(state.params, compute_dtype))
+        else:
+            batch, user_globals = prepare(batch, frozen, state.algo_state)
         next_rng, step_rng = jax.random.split(state.rng)
         params, opt_state, finite, loss, grad_norm, metrics = updater.apply(
             state.params, state.opt_state, batch, frozen, user_globals, step_rng, state.step, state.algo_state

@@ -1,7 +1,8 @@
 """Algorithms: one short module each, with a ``Config`` dataclass, ``make(model, config)`` returning the update as
 plain functions (:class:`jrlhf.algorithms.base.Algorithm`) and a ``setup(run)`` that adds the run's data for the loop.
 
-Offline: ``sft``, ``reward``, ``dpo`` (SimPO, ORPO and every DPO loss type through ``algo.loss_type``).
+Offline: ``sft``, ``reward``, ``dpo`` (SimPO, ORPO and every DPO loss type through ``algo.loss_type``), ``kto``
+(unpaired desirable / undesirable completions).
 On-policy: ``grpo``, ``ppo``, ``rloo``, ``reinforce_pp``, ``online_dpo``.
 """
 
@@ -14,6 +15,7 @@ ALGORITHMS = {
     "sft": "jrlhf.algorithms.sft",
     "reward": "jrlhf.algorithms.reward",
     "dpo": "jrlhf.algorithms.dpo",
+    "kto": "jrlhf.algorithms.kto",
     "grpo": "jrlhf.algorithms.grpo",
     "ppo": "jrlhf.algorithms.ppo",
     "rloo": "jrlhf.algorithms.rloo",

@@ -365,7 +365,8 @@ def length_limits(data_cfg) -> dict:
 
 
 # The record fields each data kind is built from (prompt records go whole to the reward functions).
-KIND_FIELDS = {"sft": ("prompt", "completion", "messages"), "preference": ("prompt", "chosen", "rejected")}
+KIND_FIELDS = {"sft": ("prompt", "completion", "messages"), "preference": ("prompt", "chosen", "rejected"),
+               "kto": ("prompt", "completion", "messages", "label", "chosen", "rejected")}
 
 
 def ignored_fields(records, kind: str, fields=()) -> list[str]:
@@ -452,13 +453,15 @@ def preference_eval_records(data_cfg):
     return with_system_prompt(held_out, data_cfg.system_prompt)
 
 
-def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields=()):
+def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields=(), tokenize_fn=None):
     """Loads and tokenises the training records of kind ``sft``, ``preference`` or ``prompt`` under
     :func:`length_limits` (prompt records use only the prompt limits), without the ``data.eval_holdout`` records and
     with ``data.system_prompt`` prepended; prints the report.
 
     ``fields``: the optional per-record fields the algorithm reads (its ``RECORD_FIELDS``, e.g. the reward model's
     ``margin``), carried into every batch. Fields that nothing reads are reported once, naming them.
+    ``tokenize_fn(records, tokenizer, **limits)``: the algorithm's own tokenisation of ``kind`` (e.g.
+    :func:`jrlhf.algorithms.kto.tokenize_kto`) instead of :func:`jrlhf.data.tokenize`.
 
     Raises:
       DataError: a record that cannot be used, named as ``data.train: FILE:LINE: ...``.
@@ -472,7 +475,10 @@ def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields
     located = records
     records = with_system_prompt(records, run.cfg.data.system_prompt)
     try:
-        data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
+        if tokenize_fn is not None:
+            data = tokenize_fn(records, run.tokenizer, **length_limits(run.cfg.data))
+        else:
+            data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
     except DataError as error:
         raise DataError(f"data.train: {record_location(located, str(error))}") from None
     if jax.process_index() == 0:
