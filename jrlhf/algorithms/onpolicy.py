@@ -195,6 +195,10 @@ def check_rollout_settings(algo, *, min_generations: int = 1, max_completion_len
     if not isinstance(algo.max_num_gen_batches, int) or algo.max_num_gen_batches < 1:
         raise ConfigError(f"algo.max_num_gen_batches={algo.max_num_gen_batches!r}: must be an int >= 1 (generation "
                           "rounds per batch, the first included)")
+    if getattr(algo, "env", None) is not None:
+        from jrlhf.algorithms.multiturn import check_env_settings
+
+        check_env_settings(algo, algorithm)
     sources = len(algo.reward_funcs) + (1 if algo.reward_model else 0)
     if algo.reward_weights is not None and sources and len(algo.reward_weights) != sources:
         raise ConfigError(f"algo.reward_weights has {len(algo.reward_weights)} entries for {sources} reward "
@@ -220,11 +224,7 @@ def check_rollout_config(run, *, min_generations: int = 1) -> None:
     algo = run.cfg.algo
     check_rollout_settings(algo, min_generations=min_generations, max_completion_length=completion_length(run),
                            algorithm=run.cfg.algorithm)
-    if getattr(algo, "env", None) is not None:
-        from jrlhf.algorithms.multiturn import check_env_settings
-
-        check_env_settings(algo, run.cfg.algorithm)
-    elif not algo.reward_funcs and not algo.reward_model:
+    if getattr(algo, "env", None) is None and not algo.reward_funcs and not algo.reward_model:
         from jrlhf.rewards import reward_fn_names
 
         raise ConfigError("no reward: set algo.reward_funcs (registered: " + ", ".join(reward_fn_names())
