@@ -117,8 +117,7 @@ def test_retokenising_differs_when_the_template_strips_earlier_reasoning(tokeniz
     """A Qwen3-style template drops the reasoning of earlier assistant turns when the conversation is rendered
     again; the policy was conditioned on (and is trained on) the reasoning it sampled, so only token-in/token-out
     keeps the sequence the log-probs belong to."""
-    stripping = tokenizer.__class__.from_pretrained(tokenizer.name_or_path) if tokenizer.name_or_path else None
-    stripping = stripping or load_tokenizer("char")
+    stripping = load_tokenizer("char")  # a fresh copy: the fixture's template stays
     stripping.chat_template = (
         "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
         "{% if m['role'] == 'assistant' and '</think>' in m['content'] %}"
@@ -142,12 +141,13 @@ def test_retokenising_differs_for_a_non_canonical_bpe_split():
     """A BPE tokenizer merges ``a b`` into ``ab``. A policy may sample ``a`` then ``b`` (two tokens); decoding and
     re-tokenising gives the one token ``ab``, so the re-tokenised sequence is not the sampled one (and its log-probs
     would be those of a different sequence). Token-in/token-out keeps the sampled ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, "<u>": 2, "<a>": 3, "a": 4, "b": 5, "ab": 6, "c": 7}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
     backend.pre_tokenizer = pre_tokenizers.Split("|", behavior="isolated")
+    backend.decoder = decoders.Fuse()
     bpe = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
                                   additional_special_tokens=["<u>", "<a>"])
     bpe.chat_template = ("{% for m in messages %}{{ '<u>' if m['role'] == 'user' else '<a>' }}{{ m['content'] }}"
@@ -173,15 +173,15 @@ class ScriptedEnv:
 
     REWARDS = (0.5, -0.25, 2.0)
 
-    def __init__(self, obs_len: int = 2, never_done: bool = False, messages: bool = False):
-        self.obs_len, self.never_done, self.messages = obs_len, never_done, messages
+    def __init__(self, obs_len: int = 2, never_done: bool = False, messages: bool = False, bonus: float = 0.0):
+        self.obs_len, self.never_done, self.messages, self.bonus = obs_len, never_done, messages, bonus
 
     def reset(self, record):
         self.turn = 0
         return [{"role": "user", "content": record["prompt"]}]
 
     def step(self, text):
-        reward = self.REWARDS[min(self.turn, 2)]
+        reward = self.REWARDS[min(self.turn, 2)] + self.bonus * (ord(text[0]) % 3 if text else 0)
         self.turn += 1
         done = self.turn == 3 and not self.never_done
         if self.messages:
@@ -189,14 +189,17 @@ class ScriptedEnv:
         return "<|user|>" + "x" * self.obs_len + "<|eos|><|assistant|>", reward, done
 
 
-class DigitEnv:
-    """One turn; reward: the share of digits in the answer (signal for a random policy)."""
+class CharEnv:
+    """One turn; reward: the first character's code / 128 (signal for a random policy)."""
 
     def reset(self, record):
         return [{"role": "user", "content": record["prompt"]}]
 
     def step(self, text):
-        return None, sum(ch.isdigit() for ch in text) / max(len(text), 1), True
+        return None, (ord(text[0]) / 128 if text else 0.0), True
+
+
+ALL_STOP = tuple(range(104))  # every id of the character tokenizer ends a turn: one-token assistant turns
 
     def episode_metrics(self):
         return {"steps": float(self.turn)}
@@ -207,7 +210,7 @@ def _one_token_turns(policy, tokenizer, env_factory, max_turns, budget, records=
     model, params = policy
     return multiturn.run_episodes(model, params, records, jax.random.PRNGKey(0), env_factory=env_factory,
                                   tokenizer=tokenizer, max_turns=max_turns, max_new_tokens=4,
-                                  max_episode_tokens=budget, stop_token_ids=tuple(range(len(tokenizer))))
+                                  max_episode_tokens=budget, stop_token_ids=ALL_STOP)
 
 
 def test_per_turn_rewards_turn_limit_and_layout(policy, tokenizer):
@@ -265,8 +268,8 @@ def test_token_budget_is_honoured(policy, tokenizer):
 def _rollout(policy, tokenizer, config, rng=0):
     model, params = policy
     return multiturn.multiturn_rollout(model, params, RECORDS, jax.random.PRNGKey(rng), config,
-                                       tokenizer=tokenizer, env=lambda: ScriptedEnv(2, messages=True),
-                                       ref_params=params)
+                                       tokenizer=tokenizer, env=lambda: ScriptedEnv(2, messages=True, bonus=0.1),
+                                       ref_params=params, stop_token_ids=ALL_STOP)
 
 
 CONFIG = {"num_generations": 2, "max_completion_length": 3, "max_turns": 3, "max_episode_tokens": 24}
@@ -327,14 +330,15 @@ def test_sampler_logps_equal_the_trainer_forward_at_assistant_tokens(policy, tok
 def test_update_on_a_multiturn_rollout_from_python(policy, tokenizer, module, extra):
     """``make`` + ``rollout`` + ``update`` with an environment class in the config (no config system)."""
     model, params = policy
-    config = module.Config(**CONFIG, **extra, env=DigitEnv)
+    config = module.Config(**CONFIG, **extra, env=CharEnv)
     algo = module.make(model, config)
     mesh = make_mesh()
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2), params)
     state, shardings = init_train_state(params, optimizer, jax.random.PRNGKey(0), mesh=mesh,
                                         param_specs=logical_axes(model))
     frozen = algo.init_frozen(state.params)
-    out = algo.rollout(state.params, RECORDS, jax.random.PRNGKey(2), tokenizer=tokenizer, frozen=frozen)
+    out = algo.rollout(state.params, RECORDS, jax.random.PRNGKey(2), tokenizer=tokenizer, frozen=frozen,
+                       stop_token_ids=ALL_STOP)
     assert out.batch.input_ids.shape == (4, 16 + 24)
     assert set(out.metrics) >= {"reward", "env/turns", "env/end_done"} and out.metrics["env/end_done"] > 0
     assert np.asarray(out.batch.scores).std() > 0
