@@ -188,6 +188,9 @@ class ScriptedEnv:
             return [{"role": "user", "content": "x" * self.obs_len}], reward, done
         return "<|user|>" + "x" * self.obs_len + "<|eos|><|assistant|>", reward, done
 
+    def episode_metrics(self):
+        return {"steps": float(self.turn)}
+
 
 class CharEnv:
     """One turn; reward: the first character's code / 128 (signal for a random policy)."""
@@ -200,9 +203,6 @@ class CharEnv:
 
 
 ALL_STOP = tuple(range(104))  # every id of the character tokenizer ends a turn: one-token assistant turns
-
-    def episode_metrics(self):
-        return {"steps": float(self.turn)}
 
 
 def _one_token_turns(policy, tokenizer, env_factory, max_turns, budget, records=RECORDS):
