@@ -337,9 +337,9 @@ def test_update_on_a_multiturn_rollout_from_python(policy, tokenizer, module, ex
     state, shardings = init_train_state(params, optimizer, jax.random.PRNGKey(0), mesh=mesh,
                                         param_specs=logical_axes(model))
     frozen = algo.init_frozen(state.params)
-    out = algo.rollout(state.params, RECORDS, jax.random.PRNGKey(2), tokenizer=tokenizer, frozen=frozen,
-                       stop_token_ids=ALL_STOP)
-    assert out.batch.input_ids.shape == (4, 16 + 24)
+    out = algo.rollout(state.params, RECORDS * 2, jax.random.PRNGKey(2), tokenizer=tokenizer, frozen=frozen,
+                       stop_token_ids=ALL_STOP)  # 8 episodes: the rows divide the 8 devices of the mesh
+    assert out.batch.input_ids.shape == (8, 16 + 24)
     assert set(out.metrics) >= {"reward", "env/turns", "env/end_done"} and out.metrics["env/end_done"] > 0
     assert np.asarray(out.batch.scores).std() > 0
     before = np.asarray(state.params["params"]["embed"]["embedding"]).copy()
