@@ -359,7 +359,7 @@ def test_jrlhf_train_grpo_with_an_environment(tmp_path):
     from jrlhf.train_loop import train
 
     config = {"algorithm": "grpo", "model": {"family": "llama", "overrides": dict(TINY_MODEL)},
-              "data": {"train": "builtin:addition/rl_prompts.jsonl", "batch_size": 2, "max_prompt_length": 16,
+              "data": {"train": "builtin:addition/rl_prompts.jsonl", "batch_size": 4, "max_prompt_length": 16,
                        "eval_prompts": "builtin:addition/eval.jsonl", "max_eval_examples": 4, "eval_batch_size": 4},
               "train": {"output_dir": str(tmp_path / "run"), "steps": 1, "seed": 0, "log_every": 1,
                         "progress_bar": False, "tensorboard": False, "save_every": 0},
