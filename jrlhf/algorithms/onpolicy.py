@@ -110,6 +110,16 @@ class RolloutConfig:
         (:func:`dynamic_rollout`; needs ``num_generations >= 2``).
       max_num_gen_batches: the most generation rounds one batch may take (verl's name; the first round counts);
         slots still empty after that get the dropped groups back with their score set to NaN (no loss, no count).
+      env: multi-turn episodes against an environment instead of single completions
+        (:func:`jrlhf.algorithms.multiturn.multiturn_rollout`): a registered name (``calculator``) or a
+        ``module:Class`` import path (:func:`jrlhf.envs.make_env_factory`); the environment gives the rewards.
+        ``None``: single-turn rollouts.
+      env_args: keyword arguments of the environment's class.
+      max_turns: with ``env``, the most assistant turns per episode (each at most ``max_completion_length``
+        tokens).
+      max_episode_tokens: with ``env``, the token budget of an episode after its prompt (assistant and environment
+        tokens together: the ``N`` columns of the rollout batch); ``None``: ``2 * max_turns *
+        max_completion_length``.
     """
 
     num_generations: int = 8
@@ -133,6 +143,10 @@ class RolloutConfig:
     log_rollout_mismatch: bool = False
     dynamic_sampling: bool = False
     max_num_gen_batches: int = 10
+    env: str | None = None
+    env_args: dict | None = None
+    max_turns: int = 1
+    max_episode_tokens: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -181,6 +195,10 @@ def check_rollout_settings(algo, *, min_generations: int = 1, max_completion_len
     if not isinstance(algo.max_num_gen_batches, int) or algo.max_num_gen_batches < 1:
         raise ConfigError(f"algo.max_num_gen_batches={algo.max_num_gen_batches!r}: must be an int >= 1 (generation "
                           "rounds per batch, the first included)")
+    if getattr(algo, "env", None) is not None:
+        from jrlhf.algorithms.multiturn import check_env_settings
+
+        check_env_settings(algo, algorithm)
     sources = len(algo.reward_funcs) + (1 if algo.reward_model else 0)
     if algo.reward_weights is not None and sources and len(algo.reward_weights) != sources:
         raise ConfigError(f"algo.reward_weights has {len(algo.reward_weights)} entries for {sources} reward "
@@ -206,7 +224,7 @@ def check_rollout_config(run, *, min_generations: int = 1) -> None:
     algo = run.cfg.algo
     check_rollout_settings(algo, min_generations=min_generations, max_completion_length=completion_length(run),
                            algorithm=run.cfg.algorithm)
-    if not algo.reward_funcs and not algo.reward_model:
+    if getattr(algo, "env", None) is None and not algo.reward_funcs and not algo.reward_model:
         from jrlhf.rewards import reward_fn_names
 
         raise ConfigError("no reward: set algo.reward_funcs (registered: " + ", ".join(reward_fn_names())
@@ -553,6 +571,8 @@ class Rollout(NamedTuple):
         ``sampling/*`` mismatch metrics compare with the sampler's log-probs); ``None`` unless
         ``config.log_rollout_mismatch`` or the correction is on.
       sampler_logps: ``[R, N]`` float32 device array: the sampler's log-probs.
+      episodes: multi-turn rollouts only: the :class:`jrlhf.algorithms.multiturn.Episodes` (turn rewards, turn
+        spans, end reasons, the environments' episode metrics); ``None`` for single-turn rollouts.
     """
 
     batch: RolloutBatch
@@ -563,6 +583,7 @@ class Rollout(NamedTuple):
     rewards: dict
     trainer_logps: Any = None
     sampler_logps: Any = None
+    episodes: Any = None
 
 
 class _Key:
@@ -1010,6 +1031,10 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
       RewardError: a reward function raised, or returned NaN/inf or a non-number; the message shows the sample.
     """
     algo = run.cfg.algo
+    if getattr(algo, "env", None) is not None:
+        from jrlhf.algorithms.multiturn import make_env_collect
+
+        return make_env_collect(run, collector)
     config = dataclasses.replace(algo, max_completion_length=completion_length(run))
     stop_ids = run_stop_token_ids(run, algo.stop_token_ids)
     ref_in_rollout = collector.need_ref and algo.reference_logps == "rollout"
@@ -1144,6 +1169,10 @@ def make_evaluate(run, policy_params: Callable = lambda params: params):
     from jrlhf.algorithms.base import generation_eval, load_eval_records
 
     cfg = run.cfg
+    if getattr(cfg.algo, "env", None) is not None:
+        from jrlhf.algorithms.multiturn import make_env_evaluate
+
+        return make_env_evaluate(run, policy_params)
     if not cfg.data.eval_prompts:
         return None
     records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
@@ -1242,6 +1271,15 @@ class OnPolicyAlgorithm(Algorithm):
                 raise AlgorithmInputError(f"{self.name}: the rollout computes ref_logps from frozen.ref_params "
                                           "(reference_logps='rollout'): pass frozen=algorithm.init_frozen(params)")
             ref = frozen.ref_params
+        if getattr(self.config, "env", None) is not None or "env" in kwargs:
+            from jrlhf.algorithms.multiturn import multiturn_rollout
+
+            if self.values_fn is not None:
+                raise AlgorithmInputError(f"{self.name}: multi-turn rollouts are not supported yet (grpo, rloo "
+                                          "and reinforce_pp are)")
+            kwargs.setdefault("ref_model", ref_model)
+            return multiturn_rollout(self.model, self.policy_params(params), prompts, rng, self.config,
+                                     tokenizer=tokenizer, ref_params=ref, host_score_fn=self.host_score_fn, **kwargs)
         kwargs.setdefault("reward_params", None if frozen is None else frozen.reward_params)
         kwargs.setdefault("ref_model", ref_model)
         sample_fn = rollout
