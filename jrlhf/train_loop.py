@@ -628,7 +628,7 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
                "stopped_by": shutdown.name if preempted else None, "algorithm": cfg.algorithm}
     if best is not None:
         summary["best"] = {"metric": best.metric, "step": best.best_step, "value": best.best_value,
-                           "eval": best.best_eval}
+                           "eval": best.best_eval, "exported": bool(hf_dir and t.load_best_model_at_end)}
         summary["early_stopped"] = early_stopped
     if main:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
