@@ -45,8 +45,9 @@ def proxy_gold_series(records) -> dict:
 
 
 def draw_proxy_gold(ax_proxy, ax_gold, runs: dict) -> list:
-    """Draws each run's proxy series on ``ax_proxy`` and gold series on ``ax_gold`` (``runs``: label -> records);
-    returns the drawn ``Line2D`` objects, labelled ``"<run> proxy train"`` etc."""
+    """Draws each run's proxy series on ``ax_proxy`` and gold series on ``ax_gold`` (``runs``: label -> records;
+    ``train``: the rollouts of each step, solid; ``eval``: greedy completions of the held-out prompts, dashed with
+    markers); returns the drawn ``Line2D`` objects, labelled ``"<run> proxy train"`` etc."""
     lines = []
     for index, (label, records) in enumerate(runs.items()):
         series = proxy_gold_series(records)
@@ -55,10 +56,9 @@ def draw_proxy_gold(ax_proxy, ax_gold, runs: dict) -> list:
             for split, style in (("train", "-"), ("eval", "o--")):
                 if split in series.get(role, {}):
                     xs, ys = series[role][split]
-                    what = "rollouts" if split == "train" else "held-out greedy"
-                    lines += ax.plot(xs, ys, style, color=color, markersize=3, label=f"{label} {role} {split}",
+                    name = " ".join(part for part in (label, role, split) if part)
+                    lines += ax.plot(xs, ys, style, color=color, markersize=3, label=name,
                                      alpha=1.0 if split == "eval" else 0.6)
-                    lines[-1].set_gid(what)
     ax_proxy.set_title("proxy: learned reward model score")
     ax_gold.set_title("gold: exact match (monitoring only)")
     for ax in (ax_proxy, ax_gold):

@@ -219,3 +219,14 @@ def test_plot_draws_proxy_and_gold_of_each_run(tmp_path):
     with open(os.path.join(no_gold, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 1, "split": "train", "rewards/reward_model/mean": 1.0}) + "\n")
     assert cli.main(["plot", "--proxy-gold", no_gold]) == 2
+
+
+def test_shipped_ppo_rm_recipe_keeps_the_gold_reward_out_of_the_score():
+    from jrlhf.config import load_config
+
+    cfg = load_config("builtin:ppo_rm", algorithm="ppo")
+    ppo.check_algo(cfg.algo)
+    assert list(cfg.algo.reward_funcs) == ["addition_exact_match"] and cfg.algo.reward_model
+    assert list(cfg.algo.reward_weights) == [0.0, 1.0]  # gold: weight 0 (logged only); the reward model: 1
+    assert cfg.train.metric_for_best_model == "reward_model" and cfg.train.load_best_model_at_end
+    assert cfg.train.eval_every > 0
