@@ -137,14 +137,21 @@ def test_best_checkpoint_and_early_stopping_rule_hand_traced():
         BestCheckpoint("reward_model").update(1, {"exact_match": 0.5})
 
 
-def test_loop_stops_early_and_exports_the_best_evaluated_step(tmp_path):
-    from safetensors.numpy import load_file
-
+def test_loop_stops_early_and_exports_the_best_evaluated_step(tmp_path, monkeypatch):
     import jrlhf
+    from jrlhf import train_loop
     from jrlhf.data import load_records, write_jsonl
 
     train_file = str(tmp_path / "sft.jsonl")
     write_jsonl(train_file, load_records("builtin:addition/sft_train.jsonl")[:64])
+    exports = []
+    save_pretrained = train_loop.save_pretrained
+
+    def recording(model, params, path, **kwargs):
+        exports.append(path)
+        return save_pretrained(model, params, path, **kwargs)
+
+    monkeypatch.setattr(train_loop, "save_pretrained", recording)
 
     def config(out, **train):
         return {"algorithm": "sft",
@@ -158,15 +165,15 @@ def test_loop_stops_early_and_exports_the_best_evaluated_step(tmp_path):
                 "train": {"output_dir": str(tmp_path / out), "log_every": 1, "progress_bar": False,
                           "tensorboard": False, **train}}
 
-    # an untrained model's exact match stays 0: the first evaluation is the best, two more without improvement stop
+    # an untrained model's exact match stays 0: the first evaluation (step 1) is the best and is exported at once;
+    # steps 2 and 3 do not improve, patience 2 stops the run there, and the end of the run exports nothing more
     summary = jrlhf.train(config("run", steps=6, eval_every=1, metric_for_best_model="exact_match",
                                  load_best_model_at_end=True, early_stopping_patience=2))
     assert summary["step"] == 3 and summary["early_stopped"]
-    assert summary["best"]["step"] == 1 and summary["best"]["value"] == 0.0
-    one_step = jrlhf.train(config("one", steps=1))
-    best, reference = (load_file(os.path.join(d, "hf_model", "model.safetensors"))
-                       for d in (summary["run_dir"], one_step["run_dir"]))
-    assert all(np.array_equal(best[k], reference[k]) for k in reference)
+    assert summary["best"]["step"] == 1 and summary["best"]["value"] == 0.0 and summary["best"]["exported"]
+    assert exports == [os.path.join(summary["run_dir"], "hf_model")]
+    with open(os.path.join(summary["run_dir"], "best.json")) as f:
+        assert json.load(f)["best_step"] == 1
     with pytest.raises(ConfigError, match="need train.metric_for_best_model"):
         jrlhf.train(config("bad", steps=1, load_best_model_at_end=True))
 
