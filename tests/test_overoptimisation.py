@@ -235,5 +235,5 @@ def test_shipped_ppo_rm_recipe_keeps_the_gold_reward_out_of_the_score():
     ppo.check_algo(cfg.algo)
     assert list(cfg.algo.reward_funcs) == ["addition_exact_match"] and cfg.algo.reward_model
     assert list(cfg.algo.reward_weights) == [0.0, 1.0]  # gold: weight 0 (logged only); the reward model: 1
-    assert cfg.train.metric_for_best_model == "reward_model" and cfg.train.load_best_model_at_end
+    assert cfg.train.metric_for_best_model == "reward_model" and not cfg.train.load_best_model_at_end
     assert cfg.train.eval_every > 0
