@@ -1,4 +1,4 @@
-"""Command line: ``jrlhf train ALGO --config FILE [--set key=value ...]`` and ``jrlhf plot RUN_DIR``."""
+"""Command line: ``jrlhf train ALGO --config FILE [--set key=value ...]`` and ``jrlhf plot RUN_DIR [RUN_DIR ...]``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 (repeatable)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    pl = sub.add_parser("plot", help="draw a run's metric curves to PNG")
-    pl.add_argument("run_dir")
+    pl = sub.add_parser("plot", help="draw a run's metric curves to PNG; with several runs (or --proxy-gold), the "
+                                     "learned (proxy) reward against the gold reward of each")
+    pl.add_argument("run_dir", nargs="+")
+    pl.add_argument("--proxy-gold", action="store_true",
+                    help="draw only proxy vs gold reward over steps (runs logging both; default RUN_DIR/proxy_gold.png)")
+    pl.add_argument("--labels", nargs="*", default=None, help="legend labels of the runs (with --proxy-gold)")
     pl.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
     pl.add_argument("--keys", nargs="*", default=None, help="metric names to draw (default: loss/reward/kl/...)")
     return p
@@ -41,9 +45,14 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "plot":
-            from jrlhf.plot import plot_run
+            from jrlhf.plot import plot_proxy_gold, plot_run
 
-            print(plot_run(args.run_dir, args.out, args.keys))
+            if args.proxy_gold or len(args.run_dir) > 1:
+                if args.labels and len(args.labels) != len(args.run_dir):
+                    raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.run_dir)} runs")
+                print(plot_proxy_gold(args.run_dir, args.out, args.labels))
+            else:
+                print(plot_run(args.run_dir[0], args.out, args.keys))
             return 0
         from jrlhf.config import load_config, to_dict
 

@@ -178,6 +178,14 @@ class TrainSection:
 
     ``max_nonfinite``: how many updates with a non-finite loss or gradient may be skipped (in-graph, the parameters
     untouched) before the run stops with :class:`jrlhf.errors.NonFiniteLossError` (default 0: stop at the first).
+
+    Best-checkpoint selection (Hugging Face ``TrainingArguments`` names, the rule of
+    :class:`jrlhf.metrics.BestCheckpoint`): ``metric_for_best_model`` names a metric of the periodic evaluation
+    (e.g. ``reward_model``, the learned reward model's mean score of greedy completions of held-out prompts in a
+    PPO run with ``algo.reward_model``); ``greater_is_better``; ``load_best_model_at_end`` exports the best
+    evaluated parameters to ``hf_model/`` (written when each new best is found) instead of the last ones;
+    ``early_stopping_patience`` > 0 stops the run after that many evaluations without an improvement larger than
+    ``early_stopping_threshold``. The summary's ``best`` holds the best step, value and evaluation.
     """
 
     output_dir: str = "runs/default"
@@ -194,6 +202,11 @@ class TrainSection:
     max_nonfinite: int = 0
     progress_bar: bool = True
     tensorboard: bool = True
+    metric_for_best_model: str | None = None
+    greater_is_better: bool = True
+    load_best_model_at_end: bool = False
+    early_stopping_patience: int = 0
+    early_stopping_threshold: float = 0.0
 
 
 @dataclass

@@ -20,7 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def stages(out: str, quick: bool):
-    """``(name, run directory name, algorithm, overrides)`` of each stage, in order."""
+    """``(name, run directory name, algorithm, overrides)`` of each stage, in order; the config is
+    ``builtin:<run directory name>`` when such a shipped config exists (``ppo_rm``), else ``builtin:<algorithm>``."""
     sft_model = os.path.join(out, "sft", "hf_model")
     rm_model = os.path.join(out, "reward", "hf_model")
     common = ["train.progress_bar=true"]
@@ -36,9 +37,17 @@ def stages(out: str, quick: bool):
         ("rloo", "rloo", "rloo", from_sft),
         ("reinforce++", "reinforce_pp", "reinforce_pp", from_sft),
         ("ppo (exact-match reward)", "ppo", "ppo", from_sft),
-        ("ppo (learned reward model)", "ppo_rm", "ppo", from_sft + [f"algo.reward_model={rm_model}",
-                                                                   "algo.reward_funcs=[]", "algo.whiten_rewards=true"]),
+        # guarded against over-optimisation (jrlhf/configs/ppo_rm.yaml); --quick does not evaluate, so no selection
+        ("ppo (learned reward model)", "ppo_rm", "ppo", from_sft + [f"algo.reward_model={rm_model}"]
+         + (["train.metric_for_best_model=null", "train.load_best_model_at_end=false"] if quick else [])),
     ]
+
+
+def _config_name(dirname: str, algorithm: str) -> str:
+    from importlib import resources
+
+    shipped = resources.files("jrlhf") / "configs" / f"{dirname}.yaml"
+    return dirname if shipped.is_file() else algorithm
 
 
 def _finished(run_dir: str, steps: int) -> dict | None:
@@ -47,7 +56,15 @@ def _finished(run_dir: str, steps: int) -> dict | None:
         return None
     with open(path) as f:
         summary = json.load(f)
-    return summary if summary.get("step") == steps and not summary.get("preempted") else None
+    done = summary.get("step") == steps or summary.get("early_stopped")
+    return summary if done and not summary.get("preempted") else None
+
+
+def _exported_eval(summary: dict) -> dict:
+    """The held-out results of the exported model: the best evaluated step's with ``train.load_best_model_at_end``,
+    else the last step's."""
+    best = summary.get("best") or {}
+    return best.get("eval") or {} if best.get("exported") else summary.get("eval", {})
 
 
 def _fmt(value) -> str:
@@ -66,14 +83,15 @@ def main(argv=None) -> int:
     rows = []
     for name, dirname, algorithm, overrides in stages(args.out, args.quick):
         run_dir = os.path.join(args.out, dirname)
-        cfg = load_config(f"builtin:{algorithm}", overrides + [f"train.output_dir={run_dir}"], algorithm=algorithm)
+        config = f"builtin:{_config_name(dirname, algorithm)}"
+        cfg = load_config(config, overrides + [f"train.output_dir={run_dir}"], algorithm=algorithm)
         summary = _finished(run_dir, cfg.train.steps)
         start = time.perf_counter()
         if summary is None:
-            print(f"\n=== {name}: jrlhf train {algorithm} --config builtin:{algorithm} "
+            print(f"\n=== {name}: jrlhf train {algorithm} --config {config} "
                   + " ".join(f"--set {o}" for o in overrides), flush=True)
             summary = train(cfg)
-        rows.append((name, summary.get("eval", {}), time.perf_counter() - start))
+        rows.append((name, _exported_eval(summary), time.perf_counter() - start))
 
     print("\nHeld-out results on the shipped addition task")
     print("| stage | exact match | preference accuracy | minutes |")

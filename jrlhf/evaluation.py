@@ -112,12 +112,15 @@ def generate_completions(model, params, tokenizer, records, *, max_new_tokens: i
 
 def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tokens: int, batch_size: int = 64,
                     max_prompt_length: int | None = None, limits: dict | None = None,
-                    max_tokens: int | None = None, eos_token_id=None) -> dict:
+                    max_tokens: int | None = None, eos_token_id=None, scorers=()) -> dict:
     """Mean reward of greedy completions (exact match for a 0/1 checker) on held-out prompt records
     (``limits``, ``max_tokens`` and ``eos_token_id`` as in :func:`generate_completions`).
 
+    ``scorers``: callables ``scorer(prompts, completions) -> dict`` of more metrics of the same greedy completions
+    (e.g. a learned reward model's mean score, :func:`reward_model_scorer`), merged into the result.
+
     Returns:
-      ``{"exact_match": float, "num_examples": int}``.
+      ``{"exact_match": float, "num_examples": int}`` plus the scorers' metrics.
     """
     from jrlhf.rewards import combine_rewards
 
@@ -126,7 +129,32 @@ def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tok
                                        max_tokens=max_tokens, eos_token_id=eos_token_id)
     prompts = [r["prompt"] for r in kept]
     total, _ = combine_rewards([reward_fn], None, prompts, texts, [None] * len(texts), kept)
-    return {"exact_match": float(np.mean(total)), "num_examples": len(texts)}
+    result = {"exact_match": float(np.mean(total)), "num_examples": len(texts)}
+    for scorer in scorers:
+        result.update(scorer(prompts, texts))
+    return result
+
+
+def reward_model_scorer(score_model, score_params, tokenizer, *, batch_size: int = 64, name: str = "reward_model",
+                        max_tokens: int | None = None):
+    """A :func:`reward_accuracy` scorer: the mean score a reward model (``head="score"``) gives to
+    ``prompt + completion`` (tokenised as the reward model's training pairs: :func:`tokenize_preference`, EOS
+    appended), logged as ``name``. No labels are read: a held-out proxy signal (e.g. for checkpoint selection).
+
+    Returns:
+      ``scorer(prompts, completions) -> {name: float}``.
+    """
+    from jrlhf.algorithms.base import pair_scores
+
+    score = jax.jit(lambda params, batch: pair_scores(score_model, params, batch))
+
+    def scorer(prompts, completions):
+        records = [{"prompt": p, "chosen": c, "rejected": c} for p, c in zip(prompts, completions)]
+        chosen, _ = preference_scores(lambda b: score(score_params, b), tokenizer, records, batch_size=batch_size,
+                                      max_tokens=max_tokens)
+        return {name: float(np.mean(chosen))}
+
+    return scorer
 
 
 def scoring_batch_size(batch_size: int, rows_per_example: int, length: int, max_tokens: int | None) -> int:

@@ -86,3 +86,63 @@ def read_metrics(run_dir: str) -> list[dict]:
         raise FileNotFoundError(f"no metrics.jsonl in run directory '{run_dir}' (is it a jrlhf run directory?)")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class BestCheckpoint:
+    """Best-checkpoint selection and early stopping on one held-out metric, the rule of Hugging Face
+    ``Trainer`` (``metric_for_best_model``, ``greater_is_better``) and its ``EarlyStoppingCallback``
+    (``early_stopping_patience``, ``early_stopping_threshold``).
+
+    :meth:`update` takes each evaluation's result: a value strictly better than the best so far (greater, or lower
+    with ``greater_is_better=False``) becomes the best; the patience counter is reset by a value better than the
+    best *by more than* ``threshold`` and otherwise grows by one; :attr:`should_stop` once it reaches ``patience``
+    (``patience=0``: never). The state (:meth:`state_dict`) is plain JSON, saved next to the run so a resumed run
+    keeps its best.
+
+    Raises (from :meth:`update`):
+      ConfigError: ``metric`` is not in the evaluation result (the message lists the keys there).
+    """
+
+    def __init__(self, metric: str, *, greater_is_better: bool = True, patience: int = 0, threshold: float = 0.0):
+        self.metric = metric
+        self.greater_is_better = bool(greater_is_better)
+        self.patience = int(patience)
+        self.threshold = float(threshold)
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.best_eval: dict | None = None
+        self.bad_evals = 0
+
+    def _better(self, value: float, than: float, margin: float = 0.0) -> bool:
+        return value - than > margin if self.greater_is_better else than - value > margin
+
+    def update(self, step: int, result: dict) -> bool:
+        """Records one evaluation at ``step``; returns whether it is the new best."""
+        if self.metric not in result:
+            from jrlhf.config import ConfigError
+
+            raise ConfigError(f"train.metric_for_best_model '{self.metric}' is not among the evaluation's metrics "
+                              f"({', '.join(sorted(result)) or 'none'}); name one of them")
+        value = float(result[self.metric])
+        if self.best_value is None or self._better(value, self.best_value, self.threshold):
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+        improved = self.best_value is None or self._better(value, self.best_value)
+        if improved:
+            self.best_value, self.best_step, self.best_eval = value, int(step), dict(result)
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "best_value": self.best_value, "best_step": self.best_step,
+                "best_eval": self.best_eval, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("metric") != self.metric:
+            return  # another metric: start afresh
+        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+        self.best_eval, self.bad_evals = state.get("best_eval"), int(state.get("bad_evals", 0))

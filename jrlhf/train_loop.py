@@ -319,6 +319,34 @@ def _fingerprint(leaves) -> list:
     return out
 
 
+BEST_FILE = "best.json"
+
+
+def _best_tracker(t, setup, run_dir: str, *, resumed: bool):
+    """The run's :class:`jrlhf.metrics.BestCheckpoint` (``None`` without ``train.metric_for_best_model``),
+    restored from ``best.json`` when the run resumes."""
+    from jrlhf.config import ConfigError
+    from jrlhf.metrics import BestCheckpoint
+
+    if not t.metric_for_best_model:
+        if t.load_best_model_at_end or t.early_stopping_patience:
+            raise ConfigError("train.load_best_model_at_end / train.early_stopping_patience need "
+                              "train.metric_for_best_model (the evaluation metric to select on)")
+        return None
+    if setup.evaluate is None or not t.eval_every:
+        raise ConfigError("train.metric_for_best_model needs periodic evaluation: set train.eval_every > 0 and the "
+                          "data the algorithm evaluates on (e.g. data.eval_prompts)")
+    if t.early_stopping_patience < 0:
+        raise ConfigError(f"train.early_stopping_patience={t.early_stopping_patience}: must be >= 0 (0: off)")
+    tracker = BestCheckpoint(t.metric_for_best_model, greater_is_better=t.greater_is_better,
+                             patience=t.early_stopping_patience, threshold=t.early_stopping_threshold)
+    path = os.path.join(run_dir, BEST_FILE)
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            tracker.load_state_dict(json.load(f))
+    return tracker
+
+
 def _host_params(params):
     return jax.tree.map(np.asarray, distributed.process_allgather(params))
 
@@ -465,6 +493,17 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         ckpt.save(done["step"], bundle(done["state"], done["frozen"]), meta, force=force)
         saved_step = done["step"]
 
+    best = _best_tracker(t, setup, run_dir, resumed=start_step > 0)
+
+    def export(state, hf_dir):
+        host = _host_params(state.params if setup.export_params is None else setup.export_params(state.params))
+        if main:
+            save_pretrained(model, host, hf_dir, head=setup.export_head)  # LoRA: merged into the kernels
+            tokenizer.save_pretrained(hf_dir)
+            _copy_generation_config(cfg, hf_dir)
+            if has_adapters(model):
+                _export_adapter(cfg, model, host, setup.export_head, os.path.join(run_dir, "hf_adapter"), log)
+
     def evaluate(step, state, frozen):
         if setup.evaluate is None:
             return {}
@@ -473,6 +512,16 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         if main:
             body = " ".join(f"{k}={v:.4g}" for k, v in result.items())
             print(f"[eval step {step}] {body}", flush=True)
+        if best is not None and best.update(step, result):
+            if t.load_best_model_at_end and t.export_hf:
+                export(state, os.path.join(run_dir, "hf_model"))  # on disk at once: a stop later keeps it
+            if main:
+                with open(os.path.join(run_dir, BEST_FILE), "w") as f:
+                    json.dump(best.state_dict(), f, indent=2)
+                print(f"[best] step {step}: {best.metric}={best.best_value:.4g}", flush=True)
+        elif best is not None and main:
+            with open(os.path.join(run_dir, BEST_FILE), "w") as f:
+                json.dump(best.state_dict(), f, indent=2)
         return result
 
     bar = None
@@ -485,6 +534,7 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     tokens_since, time_since = 0, time.perf_counter()
     eval_result = {}
     hf_dir = None
+    early_stopped = False
     try:
         while step < t.steps and not shutdown.requested():
             host_batch = next(iterator)
@@ -523,6 +573,12 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 monitor.flush()
                 eval_result = evaluate(step, state, frozen)
+                if best is not None and best.should_stop:
+                    log(f"[early stop] step {step}: {best.metric} has not improved by more than "
+                        f"{t.early_stopping_threshold} for {best.patience} evaluations (best {best.best_value:.4g} "
+                        f"at step {best.best_step})")
+                    early_stopped = True
+                    break
             if t.save_every and step % t.save_every == 0 and step < t.steps:
                 monitor.flush()
                 save()
@@ -554,24 +610,26 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
             log(f"\n[preempted] {shutdown.name}: step {step} is saved in {ckpt.directory}; rerun the same command "
                 "to resume")
     else:
-        eval_result = evaluate(step, state, frozen)
+        if not early_stopped:  # an early stop has just evaluated this step
+            eval_result = evaluate(step, state, frozen)
         preempted = shutdown.requested()
         if preempted:
             log(f"\n[preempted] {shutdown.name} during the final evaluation: step {step} is saved in "
                 f"{ckpt.directory}; rerun the same command to evaluate and export")
         elif t.export_hf:
             hf_dir = os.path.join(run_dir, "hf_model")
-            host = _host_params(state.params if setup.export_params is None else setup.export_params(state.params))
-            if main:
-                save_pretrained(model, host, hf_dir, head=setup.export_head)  # LoRA: merged into the kernels
-                tokenizer.save_pretrained(hf_dir)
-                _copy_generation_config(cfg, hf_dir)
-                if has_adapters(model):
-                    _export_adapter(cfg, model, host, setup.export_head, os.path.join(run_dir, "hf_adapter"), log)
+            if best is not None and t.load_best_model_at_end and best.best_step is not None:
+                log(f"[best] hf_model/ holds step {best.best_step} ({best.metric}={best.best_value:.4g})")
+            else:
+                export(state, hf_dir)
     ckpt.close()
     writer.close()
     summary = {"step": step, "eval": eval_result, "run_dir": run_dir, "hf_dir": hf_dir, "preempted": preempted,
                "stopped_by": shutdown.name if preempted else None, "algorithm": cfg.algorithm}
+    if best is not None:
+        summary["best"] = {"metric": best.metric, "step": best.best_step, "value": best.best_value,
+                           "eval": best.best_eval, "exported": bool(hf_dir and t.load_best_model_at_end)}
+        summary["early_stopped"] = early_stopped
     if main:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

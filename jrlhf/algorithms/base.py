@@ -501,7 +501,8 @@ def load_eval_records(source: str | None, limit: int | None = None, key: str | N
 
 
 def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):
-    """An ``evaluate(params, frozen)`` that scores greedy completions of ``records`` with ``data.eval_reward``;
+    """An ``evaluate(params, frozen, scorers=())`` that scores greedy completions of ``records`` with
+    ``data.eval_reward`` (and ``scorers``, see :func:`jrlhf.evaluation.reward_accuracy`);
     a completion ends at any id of :func:`jrlhf.evaluation.run_stop_token_ids` (the model's EOS ids,
     ``data.eval_stop_token_ids`` and ``stop_token_ids``)."""
     from jrlhf.evaluation import reward_accuracy, run_stop_token_ids
@@ -513,10 +514,10 @@ def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):
     model = model or run.model
     records = with_system_prompt(records, cfg.data.system_prompt)
 
-    def evaluate(params, frozen):
+    def evaluate(params, frozen, scorers=()):
         return reward_accuracy(model, params, run.tokenizer, records, reward_fn,
                                max_new_tokens=cfg.data.eval_max_new_tokens, batch_size=cfg.data.eval_batch_size,
                                limits=length_limits(cfg.data), max_tokens=cfg.data.eval_max_tokens,
-                               eos_token_id=stop_ids)
+                               eos_token_id=stop_ids, scorers=scorers)
 
     return evaluate

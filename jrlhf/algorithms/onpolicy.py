@@ -1163,10 +1163,14 @@ def _samples_text(prompts, completions, scores, count: int) -> str:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def make_evaluate(run, policy_params: Callable = lambda params: params):
+def make_evaluate(run, policy_params: Callable = lambda params: params, reward_model=None):
     """Held-out exact match of greedy completions of ``data.eval_prompts`` (``data.max_eval_examples`` of them)
-    scored by ``data.eval_reward``; ``None`` without eval prompts."""
+    scored by ``data.eval_reward``; ``None`` without eval prompts. With ``reward_model`` (the run's learned reward
+    model, its params in ``frozen.reward_params``) also ``reward_model``: its mean score of the same completions,
+    the held-out proxy signal (:func:`jrlhf.evaluation.reward_model_scorer`; e.g. ``train.metric_for_best_model:
+    reward_model``)."""
     from jrlhf.algorithms.base import generation_eval, load_eval_records
+    from jrlhf.evaluation import reward_model_scorer
 
     cfg = run.cfg
     if getattr(cfg.algo, "env", None) is not None:
@@ -1177,9 +1181,17 @@ def make_evaluate(run, policy_params: Callable = lambda params: params):
         return None
     records = load_eval_records(cfg.data.eval_prompts, cfg.data.max_eval_examples, key="data.eval_prompts")
     inner = generation_eval(run, records, model=lm_view(run.model), stop_token_ids=run.cfg.algo.stop_token_ids)
+    scorers = {}
 
     def evaluate(params, frozen):
-        return inner(policy_params(params), frozen)
+        extra = ()
+        if reward_model is not None and frozen is not None and frozen.reward_params is not None:
+            if "rm" not in scorers:
+                scorers["rm"] = reward_model_scorer(reward_model, frozen.reward_params, run.tokenizer,
+                                                    batch_size=cfg.data.eval_batch_size,
+                                                    max_tokens=cfg.data.eval_max_tokens)
+            extra = (scorers["rm"],)
+        return inner(policy_params(params), frozen, scorers=extra)
 
     return evaluate
 

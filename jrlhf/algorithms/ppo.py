@@ -50,6 +50,12 @@ class Config(onpolicy.RolloutConfig):
       cliprange_value: value clip (``None``: unclipped value loss).
       vf_coef: weight of the value loss.
       whiten_rewards: whiten the per-token rewards over the rollout before GAE (mean kept).
+      use_score_scaling: divide the sequence scores by their running std over all rollouts so far
+        (:func:`jrlhf.losses.scale_scores`; TRL's former ``PPOConfig`` name); the moments live in the algorithm
+        state (``score_mean``, ``score_var``, ``score_count``), so they are checkpointed and resumed.
+      use_score_norm: with ``use_score_scaling``, also subtract the running mean.
+      score_clip: clip the (scaled) sequence scores to ``[-score_clip, score_clip]`` before the KL penalty
+        (``None``: off).
       whiten_advantages: whiten the advantages over the rollout.
       missing_eos_penalty: subtracted from the score of completions that end without EOS (``None``: off).
       ppo_epochs: passes over each rollout batch.
@@ -71,6 +77,9 @@ class Config(onpolicy.RolloutConfig):
     cliprange_value: float | None = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: float | None = None
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
     ppo_epochs: int = 4
@@ -105,14 +114,39 @@ def check_algo(algo: Config) -> None:
         raise ConfigError(f"algo.kl_coef={algo.kl_coef}: must be >= 0")
     if algo.adaptive_kl and (algo.target_kl <= 0 or algo.kl_horizon <= 0):
         raise ConfigError("algo.target_kl and algo.kl_horizon must be positive with adaptive_kl")
+    if algo.use_score_norm and not algo.use_score_scaling:
+        raise ConfigError("algo.use_score_norm needs algo.use_score_scaling: true (it centres the running-std "
+                          "scaled scores)")
+    if algo.score_clip is not None and not algo.score_clip > 0:
+        raise ConfigError(f"algo.score_clip={algo.score_clip}: must be > 0 (a symmetric bound), or null for no clip")
 
 
-def rollout_advantages(batch: dict, kl_coef, algo: Config):
+SCORE_MOMENTS = ("score_mean", "score_var", "score_count")
+
+
+def shaped_scores(batch: dict, algo: Config, moments=None):
+    """``(scores [R] float32, new moments or None)``: the rollout's sequence scores (NaN -> 0) after
+    ``use_score_scaling`` / ``use_score_norm`` (running moments ``moments = (mean, var, count)`` updated with this
+    rollout's scorable rows first, as TRL did) and ``score_clip``."""
+    scores, _ = onpolicy.scorable_scores(batch)
+    new = None
+    if algo.use_score_scaling:
+        scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
+        mean, var, count = moments if moments is not None else (0.0, 1.0, 0.0)
+        new = losses.running_moments_update(mean, var, count, scores, scorable)
+        scores = losses.scale_scores(scores, *new, use_score_norm=algo.use_score_norm, score_clip=algo.score_clip)
+    elif algo.score_clip is not None:
+        scores = jnp.clip(scores, -algo.score_clip, algo.score_clip)
+    return scores, new
+
+
+def rollout_advantages(batch: dict, kl_coef, algo: Config, moments=None):
     """GAE of one rollout: ``(advantages [R, N], returns [R, N], trained mask [R, N], per-token KL [R, N])``.
 
     Completions that no reward applies to (NaN score) are masked out, so they enter neither the reward whitening
-    nor the advantage whitening."""
-    scores, mask = onpolicy.scorable_scores(batch)
+    nor the advantage whitening. The scores are shaped first (:func:`shaped_scores`, with ``moments``)."""
+    scores, _ = shaped_scores(batch, algo, moments)
+    _, mask = onpolicy.scorable_scores(batch)
     rewards, kl = losses.kl_penalized_rewards(scores, batch["old_logps"], batch["ref_logps"], mask, kl_coef=kl_coef,
                                               kl_kind=algo.kl_estimator)
     if algo.whiten_rewards:
@@ -133,12 +167,18 @@ def make_prepare_batch(algo: Config, model=None):
         batch = onpolicy.with_reference_logps(batch, frozen, model, algo, "ppo")
         batch = onpolicy.drop_unscorable(batch)
         kl_coef = algo_state["kl_coef"]
-        adv, returns, mask, kl = rollout_advantages(batch, kl_coef, algo)
+        moments = tuple(algo_state[k] for k in SCORE_MOMENTS) if algo.use_score_scaling else None
+        _, new_moments = shaped_scores(batch, algo, moments)
+        adv, returns, mask, kl = rollout_advantages(batch, kl_coef, algo, moments)
         n = adv.shape[1]
         batch["advantages"], batch["returns"] = adv, returns
         batch["loss_mask"] = batch["loss_mask"].at[:, -n:].set(mask.astype(batch["loss_mask"].dtype))
         seq_kl = onpolicy.scorable_mean(jnp.sum(kl, axis=-1), batch)
+        extra = {}
+        if new_moments is not None:
+            extra = {f"score/running_{k[len('score_'):]}": v for k, v in zip(SCORE_MOMENTS, new_moments)}
         return batch, {
+            **extra,
             "kl": seq_kl,
             "kl_coef": jnp.asarray(kl_coef, jnp.float32),
             "non_score_reward": -jnp.asarray(kl_coef, jnp.float32) * seq_kl,
@@ -176,6 +216,10 @@ def make_loss_fn(model, algo: Config, critic_model=None):
         metrics["kl"] = ctx.globals["kl"]
         metrics["kl_coef"] = ctx.globals["kl_coef"]
         metrics["non_score_reward"] = ctx.globals["non_score_reward"]
+        if algo.use_score_scaling:
+            for key in SCORE_MOMENTS:
+                name = f"score/running_{key[len('score_'):]}"
+                metrics[name] = ctx.globals[name]
         return pg_loss + algo.vf_coef * vf_loss, metrics
 
     return loss_fn
@@ -189,16 +233,29 @@ def critic_values(critic_model, critic_params, input_ids, attention_mask, num_co
 
 
 def make_update_algo_state(algo: Config, rollout_rows: int):
-    """``update_algo_state``: the adaptive KL controller (``n_steps`` = rollout rows, as TRL counted samples)."""
+    """``update_algo_state``: the adaptive KL controller (``n_steps`` = rollout rows, as TRL counted samples) and
+    the running score moments of ``use_score_scaling``."""
 
     def update(algo_state, metrics):
-        if not algo.adaptive_kl:
-            return algo_state
-        new = losses.adaptive_kl_update(algo_state["kl_coef"], metrics["kl"], rollout_rows, target=algo.target_kl,
-                                        horizon=algo.kl_horizon)
-        return {**algo_state, "kl_coef": new}
+        algo_state = dict(algo_state)
+        if algo.use_score_scaling:
+            for key in SCORE_MOMENTS:
+                algo_state[key] = metrics[f"score/running_{key[len('score_'):]}"]
+        if algo.adaptive_kl:
+            algo_state["kl_coef"] = losses.adaptive_kl_update(algo_state["kl_coef"], metrics["kl"], rollout_rows,
+                                                              target=algo.target_kl, horizon=algo.kl_horizon)
+        return algo_state
 
     return update
+
+
+def init_algo_state(algo: Config) -> dict:
+    """``{"kl_coef"}`` float32, plus ``score_mean`` 0, ``score_var`` 1 and ``score_count`` 0 with
+    ``use_score_scaling``."""
+    state = {"kl_coef": np.float32(algo.kl_coef)}
+    if algo.use_score_scaling:
+        state.update(score_mean=np.float32(0.0), score_var=np.float32(1.0), score_count=np.float32(0.0))
+    return state
 
 
 def make(model, config: Config | dict | None = None, *, critic_model=None,
@@ -259,7 +316,7 @@ def make(model, config: Config | dict | None = None, *, critic_model=None,
         prepare_batch=make_prepare_batch(algo, model), uses_reference=True, num_epochs=algo.ppo_epochs,
         num_minibatches=algo.num_mini_batches,
         update_algo_state=make_update_algo_state(algo, int(rollout_rows or 0)),
-        init_algo_state=lambda: {"kl_coef": np.float32(algo.kl_coef)},
+        init_algo_state=lambda: init_algo_state(algo),
         values_fn=values_fn, policy_params=policy_params, host_score_fn=host_score)
 
 
@@ -289,7 +346,7 @@ def setup(run) -> AlgorithmSetup:
         prepare_batch=parts.prepare_batch,
         update_algo_state=parts.update_algo_state,
         algo_state=parts.init_algo_state(),
-        evaluate=onpolicy.make_evaluate(run, parts.policy_params),
+        evaluate=onpolicy.make_evaluate(run, parts.policy_params, reward_model=rewards.model),
         onpolicy=OnPolicy(collect=collect, num_epochs=parts.num_epochs, num_minibatches=parts.num_minibatches),
         params=params,
         param_specs=param_specs,

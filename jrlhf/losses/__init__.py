@@ -45,6 +45,8 @@ from jrlhf.losses.ppo import (
     last_token_mask,
     ppo_policy_loss,
     ppo_value_loss,
+    running_moments_update,
+    scale_scores,
 )
 from jrlhf.losses.rollout_correction import (
     IS_MODES,
@@ -69,6 +71,8 @@ __all__ = [
     "IS_MODES",
     "KL_KINDS",
     "adaptive_kl_update",
+    "running_moments_update",
+    "scale_scores",
     "aggregate_loss",
     "bco_running_mean_update",
     "bradley_terry_loss",

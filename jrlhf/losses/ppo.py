@@ -286,3 +286,67 @@ def adaptive_kl_update(kl_coef, current_kl, n_steps, *, target: float, horizon: 
         raise ValueError(f"adaptive_kl_update: target and horizon must be positive, got {target}, {horizon}.")
     error = jnp.clip(_f32(current_kl) / target - 1.0, -0.2, 0.2)
     return _f32(kl_coef) * (1.0 + error * _f32(n_steps) / horizon)
+
+
+def running_moments_update(mean, var, count, values, mask=None) -> tuple[Array, Array, Array]:
+    """Running mean and (population) variance of a stream of values, updated with one batch (Chan, Golub and
+    LeVeque's pairwise combination; what TRL's former ``RunningMoments`` and OpenRLHF's reward normaliser keep).
+
+    With the batch's ``n`` values, mean ``m_b`` and population variance ``v_b``, ``N = count + n``,
+    ``δ = m_b - mean``: ``mean' = mean + δ n / N`` and
+    ``var' = (var count + v_b n + δ² count n / N) / N``; ``count' = N``. A batch with no values leaves the
+    moments unchanged; from ``count = 0`` the result is the batch's own moments.
+
+    Args:
+      mean, var, count: current moments (float32 scalars; ``count`` the number of values seen).
+      values: ``[B]`` new values (e.g. the sequence scores of one rollout).
+      mask: optional ``[B]``; 1 = the value counts (e.g. the scorable rows).
+
+    Returns:
+      ``(mean, var, count)`` float32 scalars.
+    """
+    values = _f32(values)
+    chex.assert_rank(values, 1, custom_message="running_moments_update: values must be [B]")
+    weight = jnp.ones_like(values) if mask is None else _bool_mask(mask).astype(jnp.float32)
+    n = jnp.sum(weight)
+    safe_n = jnp.maximum(n, 1.0)
+    batch_mean = jnp.sum(weight * values) / safe_n
+    batch_var = jnp.sum(weight * jnp.square(values - batch_mean)) / safe_n
+    mean, var, count = _f32(mean), _f32(var), _f32(count)
+    total = count + n
+    safe_total = jnp.maximum(total, 1e-30)
+    delta = batch_mean - mean
+    new_mean = mean + delta * n / safe_total
+    new_var = (var * count + batch_var * n + jnp.square(delta) * count * n / safe_total) / safe_total
+    keep = n == 0
+    return (jnp.where(keep, mean, new_mean), jnp.where(keep, var, new_var), total)
+
+
+def scale_scores(scores, mean, var, count, *, use_score_norm: bool = False, score_clip: float | None = None,
+                 eps: float = 1.1920929e-07) -> Array:
+    """Sequence scores scaled by the running standard deviation, optionally centred, then optionally clipped:
+    TRL's former ``PPOConfig`` ``use_score_scaling`` / ``use_score_norm`` / ``score_clip`` (OpenRLHF's
+    ``normalize_reward`` and ``reward_clip_range`` play the same role).
+
+    ``std = sqrt(var count / (count - 1))`` (Bessel-corrected running std; 1 while ``count <= 1``);
+    ``scores / (std + eps)``, or ``(scores - mean) / (std + eps)`` with ``use_score_norm``; then
+    ``clip(., -score_clip, score_clip)``. ``eps`` defaults to float32's machine epsilon, as TRL's.
+
+    Args:
+      scores: ``[B]`` sequence scores.
+      mean, var, count: the running moments (:func:`running_moments_update`, already including this batch).
+      use_score_norm: subtract the running mean too.
+      score_clip: symmetric clip bound (``None``: no clip).
+      eps: added to the std.
+
+    Returns:
+      ``[B]`` float32.
+    """
+    scores = _f32(scores)
+    count = _f32(count)
+    std = jnp.where(count > 1.0, jnp.sqrt(_f32(var) * count / jnp.maximum(count - 1.0, 1e-30)), 1.0)
+    centred = scores - _f32(mean) if use_score_norm else scores
+    out = centred / (std + eps)
+    if score_clip is not None:
+        out = jnp.clip(out, -score_clip, score_clip)
+    return out
