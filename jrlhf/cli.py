@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             else:
                 print(plot_run(args.run_dir[0], args.out, args.keys))
             return 0
-        from jrlhf.config import load_config, to_dict
+        from jrlhf.config import check_no_placeholders, load_config, to_dict
 
         cfg = load_config(args.config or f"builtin:{args.algorithm}", args.overrides, algorithm=args.algorithm)
         if args.print_config:
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
+        check_no_placeholders(cfg)  # before jax starts: a recipe's required setting left out
         from jrlhf.train_loop import train
 
         summary = train(cfg)

@@ -223,8 +223,42 @@ class RunConfig:
 
 
 def _nearest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """`` (did you mean 'x'?)`` for a close match (difflib ratio >= 0.6), else the valid keys when there are few."""
+    valid = list(valid)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean '{match[0]}'?)"
+    if not valid:
+        return " (this section takes no keys)"
+    return f" (valid keys: {', '.join(valid)})" if len(valid) <= 40 else ""
+
+
+_PLACEHOLDER = re.compile(r"^<set ([A-Za-z_][\w.]*)=")
+
+
+def check_no_placeholders(cfg: "RunConfig") -> None:
+    """A shipped recipe marks the settings a user must give with placeholders such as
+    ``"<set model.path=/path/to/hf_model_dir>"``; a run that still holds one stops here, before any work.
+
+    Raises:
+      ConfigError: naming the key and the ``--set`` to give.
+    """
+
+    def walk(value, where):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, str) and _PLACEHOLDER.match(value):
+            raise ConfigError(f"{where} is not set: give it on the command line, e.g. --set {where}=... "
+                              f"(the config holds the placeholder {value!r})")
+
+    walk(cfg, "")
 
 
 def _coerce(value, annotation, where: str):

@@ -91,6 +91,12 @@ def main(argv=None) -> int:
             print(f"\n=== {name}: jrlhf train {algorithm} --config {config} "
                   + " ".join(f"--set {o}" for o in overrides), flush=True)
             summary = train(cfg)
+            if summary.get("preempted"):  # SIGTERM / Ctrl-C: the stage saved its state; stop the demo here
+                print(f"\n[demo] stopped during the {name} stage ({summary.get('stopped_by')}); its step "
+                      f"{summary.get('step')} is saved: run the demo again to resume it", flush=True)
+                from jrlhf.errors import EXIT_STOPPED
+
+                return EXIT_STOPPED
         rows.append((name, _exported_eval(summary), time.perf_counter() - start))
 
     print("\nHeld-out results on the shipped addition task")

@@ -31,7 +31,7 @@ from jrlhf import distributed
 from jrlhf.algorithms import get_algorithm
 from jrlhf.algorithms.base import RunContext
 from jrlhf.checkpoint import CheckpointError, Checkpointer, acquire_run_lock
-from jrlhf.config import ConfigError, RunConfig, build_config, load_config, to_dict
+from jrlhf.config import ConfigError, RunConfig, build_config, check_no_placeholders, load_config, to_dict
 from jrlhf.data import BatchIterator, PromptBatch, load_tokenizer, make_batch_iterator
 from jrlhf.errors import CheckpointSaveError, NonFiniteLossError
 from jrlhf.metrics import MetricsWriter, to_python_scalars
@@ -369,6 +369,7 @@ def train(config) -> dict:
       was saved (printed as ``[saved] ...``).
     """
     cfg = _as_config(config)
+    check_no_placeholders(cfg)
     distributed.initialize()
     with _Shutdown(distributed.is_main_process()) as shutdown:
         lock = acquire_run_lock(os.path.abspath(cfg.train.output_dir))

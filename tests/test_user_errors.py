@@ -57,6 +57,34 @@ def test_model_override_typo_names_the_nearest_key(capsys):
     assert_one_line_error(status, err, "model.overrides.hiden_size", "did you mean 'hidden_size'")
 
 
+def test_unknown_key_far_from_every_valid_one_lists_the_valid_keys(capsys):
+    status, out, err = run_cli(capsys, "--set", "algo.betaa=2")  # SFT's algo section has no beta of any spelling
+    assert_one_line_error(status, err, "algo.betaa", "valid keys: ")
+    assert "did you mean" not in err
+    status, out, err = run_cli(capsys, "--set", "train.step=3")
+    assert_one_line_error(status, err, "train.step", "did you mean 'steps'")
+
+
+@pytest.mark.parametrize("recipe, algorithm, given, missing", [
+    ("dpo_hh", "dpo", [], "model.path"),
+    ("dpo_hh", "dpo", ["model.path=/m"], "data.train"),
+    ("grpo_gsm8k", "grpo", ["model.path=/m", "data.train=/d.jsonl"], "data.eval_prompts"),
+])
+def test_a_recipe_setting_left_out_stops_before_any_work(capsys, monkeypatch, recipe, algorithm, given, missing):
+    import jrlhf.train_loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("train() was reached")
+
+    monkeypatch.setattr(jrlhf.train_loop, "train", never)
+    argv = ["train", algorithm, "--config", f"builtin:{recipe}"] + [a for g in given for a in ("--set", g)]
+    from jrlhf import cli
+
+    status = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert_one_line_error(status, err, f"{missing} is not set", f"--set {missing}=")
+
+
 # --------------------------------------------------------------------------------------------------------- data
 
 
