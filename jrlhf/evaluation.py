@@ -140,19 +140,24 @@ def reward_model_scorer(score_model, score_params, tokenizer, *, batch_size: int
     """A :func:`reward_accuracy` scorer: the mean score a reward model (``head="score"``) gives to
     ``prompt + completion`` (tokenised as the reward model's training pairs: :func:`tokenize_preference`, EOS
     appended), logged as ``name``. No labels are read: a held-out proxy signal (e.g. for checkpoint selection).
+    A completion with no text (the policy ended at once: a legitimate sample) has no pair to score; the mean is
+    over the others and ``name + "/scored_frac"`` logs the share scored (``name`` is absent when none was).
 
     Returns:
-      ``scorer(prompts, completions) -> {name: float}``.
+      ``scorer(prompts, completions) -> {name: float, name/scored_frac: float}``.
     """
     from jrlhf.algorithms.base import pair_scores
 
     score = jax.jit(lambda params, batch: pair_scores(score_model, params, batch))
 
     def scorer(prompts, completions):
-        records = [{"prompt": p, "chosen": c, "rejected": c} for p, c in zip(prompts, completions)]
-        chosen, _ = preference_scores(lambda b: score(score_params, b), tokenizer, records, batch_size=batch_size,
-                                      max_tokens=max_tokens)
-        return {name: float(np.mean(chosen))}
+        records = [{"prompt": p, "chosen": c, "rejected": c} for p, c in zip(prompts, completions) if c.strip()]
+        result = {f"{name}/scored_frac": len(records) / max(1, len(completions))}
+        if records:
+            chosen, _ = preference_scores(lambda b: score(score_params, b), tokenizer, records,
+                                          batch_size=batch_size, max_tokens=max_tokens)
+            result[name] = float(np.mean(chosen))
+        return result
 
     return scorer
 

@@ -543,6 +543,11 @@ def test_task_generation_is_deterministic_and_matches_shipped_files(tmp_path):
             "--min-digits", str(meta["min_digits"])]
     argv += [a for name, size in meta["sizes"].items() for a in (f"--{name.replace('_', '-')}", str(size))]
     assert addition.main(argv) == 0
+    # sft_tool.jsonl (the calculator environment's warm start) is written by `python -m jrlhf.envs` from sft_train
+    from jrlhf.envs import calculator_sft_records
+
+    data.write_jsonl(str(tmp_path / "sft_tool.jsonl"),
+                calculator_sft_records(addition.load_split("sft_train"), 0.1, 0))
     for name in os.listdir(addition.files_dir()):
         with open(os.path.join(addition.files_dir(), name), "rb") as f, open(tmp_path / name, "rb") as g:
             assert f.read() == g.read(), f"shipped {name} differs from the generator's output"

@@ -237,3 +237,24 @@ def test_shipped_ppo_rm_recipe_keeps_the_gold_reward_out_of_the_score():
     assert list(cfg.algo.reward_weights) == [0.0, 1.0]  # gold: weight 0 (logged only); the reward model: 1
     assert cfg.train.metric_for_best_model == "reward_model" and not cfg.train.load_best_model_at_end
     assert cfg.train.eval_every > 0
+
+
+def test_reward_model_proxy_skips_completions_with_no_text():
+    """An empty completion (the policy ended at once) is a legitimate sample: the held-out proxy scores the others
+    and logs the share scored, instead of stopping the run on an empty pair."""
+    import jax
+
+    from jrlhf.data import load_tokenizer
+    from jrlhf.evaluation import reward_model_scorer
+    from jrlhf.models import init_model, tiny_config
+
+    tokenizer = load_tokenizer("char")
+    model, params = init_model(tiny_config("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, num_layers=1), jax.random.PRNGKey(0),
+                               head="score")
+    scorer = reward_model_scorer(model, params, tokenizer, batch_size=4)
+    alone = scorer(["12+34="], ["64"])
+    mixed = scorer(["1+1=", "12+34=", "5+5="], ["", "64", " "])
+    assert alone["reward_model/scored_frac"] == 1.0 and mixed["reward_model/scored_frac"] == 1 / 3
+    assert mixed["reward_model"] == alone["reward_model"]
+    assert scorer(["1+1="], [""]) == {"reward_model/scored_frac": 0.0}
