@@ -120,6 +120,19 @@ def test_byte_order_mark_is_accepted_and_indivisible_batch_is_caught_before_shar
     assert "[data] sft: 64 records" in out
 
 
+def test_the_data_report_is_shown_once(tmp_path, capsys, caplog, records):
+    dropping = tmp_path / "dropping.jsonl"
+    write_jsonl(str(dropping), records[:15] + [{"prompt": "1+1=", "completion": ""}])
+    # 16 records, one empty answer dropped; the batch of 12 stops the run after tokenisation
+    with caplog.at_level("WARNING", logger="jrlhf.data"):
+        status, out, err = run_cli(capsys, "--config", config_file(tmp_path, dropping, batch_size=12,
+                                                                   invalid_records="drop"))
+    assert_one_line_error(status, err, "data.batch_size=12")
+    shown = out + err + caplog.text
+    assert shown.count("1 invalid records dropped") == 1, shown
+    assert "[data] sft: 16 records" in out
+
+
 # --------------------------------------------------------------------------------------------------- model files
 
 

@@ -4,6 +4,7 @@ helpers the algorithms share."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -474,6 +475,10 @@ def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields
         records = load_records(source or run.cfg.data.train, key="data.train")
     located = records
     records = with_system_prompt(records, run.cfg.data.system_prompt)
+    # The report is printed below, once: the tokenisers' own log warning (for library callers) would repeat it.
+    data_logger = logging.getLogger("jrlhf.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)
     try:
         if tokenize_fn is not None:
             data = tokenize_fn(records, run.tokenizer, **length_limits(run.cfg.data))
@@ -481,6 +486,8 @@ def tokenize_train(run: RunContext, kind: str, source: str | None = None, fields
             data = tokenize(records, run.tokenizer, kind, fields=tuple(fields), **length_limits(run.cfg.data))
     except DataError as error:
         raise DataError(f"data.train: {record_location(located, str(error))}") from None
+    finally:
+        data_logger.setLevel(level)
     if jax.process_index() == 0:
         print(f"[data] {data.report.summary()}", flush=True)
         ignored = ignored_fields(records, kind, fields)
