@@ -639,7 +639,9 @@ class CompiledStep:
     Checks the batch's shapes on the host (no device sync), then calls the ``jax.jit`` function. When no
     ``frozen_shardings`` were given, the first call adopts the shardings ``frozen`` already has (so it is never
     copied). ``lower(state, batch, frozen)`` lowers without running; ``jitted(frozen)`` gives the ``jax.jit``
-    object.
+    object. ``frozen_check`` (``frozen -> None``, raising on a wrong ``frozen``; set by
+    :meth:`jrlhf.algorithms.base.Algorithm.train_step`) runs before every call, so a ``frozen`` of the wrong type is
+    a one-line error rather than ``jax.jit``'s pytree-prefix message.
     """
 
     def __init__(self, fn, mesh, state_shardings, batch_shardings, frozen_shardings, divisor, divisor_what, donate):
@@ -652,6 +654,7 @@ class CompiledStep:
         self._divisor_what = divisor_what
         self._donate = donate
         self._jitted = None
+        self.frozen_check = None
 
     def _frozen_shardings_of(self, frozen):
         if self._frozen_shardings is not None:
@@ -682,10 +685,14 @@ class CompiledStep:
     def lower(self, state, batch, frozen=None):
         """``jax.jit(...).lower(state, batch, frozen)``: inspect the program without running it."""
         _check_batch(batch, self._divisor, self._divisor_what)
+        if self.frozen_check is not None:
+            self.frozen_check(frozen)
         return self.jitted(frozen).lower(state, batch, frozen)
 
     def __call__(self, state: TrainState, batch: dict, frozen: Any = None) -> tuple[TrainState, dict]:
         _check_batch(batch, self._divisor, self._divisor_what)
+        if self.frozen_check is not None:
+            self.frozen_check(frozen)
         return self.jitted(frozen)(state, batch, frozen)
 
 

@@ -163,6 +163,13 @@ def test_wrong_batch_or_frozen_is_a_one_line_error_naming_the_field():
     # right inputs pass the checks and give DPO's loss at policy = reference: log 2
     loss, _ = algorithm.loss_fn(params, pref, frozen, _ctx(2))
     assert float(loss) == pytest.approx(np.log(2.0), abs=1e-6)
+    # through the compiled step, whose jax.jit fixed frozen's pytree at the first call
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
+    state, shardings = init_train_state(params, optimizer, 0, mesh=mesh, param_specs=M.logical_axes(model))
+    step = algorithm.train_step(optimizer, mesh, state_shardings=shardings, donate=False)
+    step(state, pref, frozen)
+    assert "got dict" in error(step, state, pref, {"ref_params": params})
 
 
 def test_a_checkpoint_with_the_reference_in_a_dict_restores_into_dpo_frozen(tmp_path):

@@ -85,11 +85,14 @@ class Algorithm:
 
     def train_step(self, optimizer, mesh, *, state_shardings, **kwargs):
         """:func:`jrlhf.step.make_train_step` of this algorithm's ``loss_fn``, ``prepare_batch`` and
-        ``update_algo_state``; ``kwargs`` go to it unchanged (``num_microbatches``, ``frozen_shardings``...)."""
+        ``update_algo_state``; ``kwargs`` go to it unchanged (``num_microbatches``, ``frozen_shardings``...). Every
+        call checks ``frozen`` first (:meth:`check_frozen`: :class:`AlgorithmInputError` naming the type to pass)."""
         from jrlhf.step import make_train_step
 
-        return make_train_step(self.loss_fn, optimizer, mesh, state_shardings=state_shardings,
+        step = make_train_step(self.loss_fn, optimizer, mesh, state_shardings=state_shardings,
                                prepare_batch=self.prepare_batch, update_algo_state=self.update_algo_state, **kwargs)
+        step.frozen_check = self.check_frozen
+        return step
 
 
 def with_input_checks(name: str, loss_fn, prepare_batch, fields, frozen_type=None):
