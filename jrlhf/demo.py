@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         if summary is None:
             print(f"\n=== {name}: jrlhf train {algorithm} --config {config} "
-                  + " ".join(f"--set {o}" for o in overrides), flush=True)
+                  + " ".join(f"--set {o}" for o in overrides + [f"train.output_dir={run_dir}"]), flush=True)
             summary = train(cfg)
             if summary.get("preempted"):  # SIGTERM / Ctrl-C: the stage saved its state; stop the demo here
                 print(f"\n[demo] stopped during the {name} stage ({summary.get('stopped_by')}); its step "

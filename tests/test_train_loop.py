@@ -166,7 +166,11 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys, requ
     assert 0.0 <= rows[1]["eval"]["accuracy"] <= 1.0
     for r in rows[3:]:
         assert 0.0 <= r["eval"]["exact_match"] <= 1.0
-    assert "| reward model |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| reward model |" in printed
+    # each stage's printed command names the folder it writes, so it can be rerun by hand
+    commands = [line for line in printed.splitlines() if line.startswith("=== ")]
+    assert len(commands) == 8 and all(f"--set train.output_dir={out}/" in c for c in commands), commands
     # the reward model is a score model transformers loads; PPO used it
     require("torch")
     import transformers

@@ -510,6 +510,44 @@ def load_eval_records(source: str | None, limit: int | None = None, key: str | N
     return load_records(source, limit=limit, key=key)
 
 
+def implicit_reward_eval(run: RunContext, records, score_policy, score_reference, beta: float, *,
+                         rescore_reference: bool = False):
+    """``evaluate(params, ref) -> {"rewards/accuracies", "rewards/margins", "num_examples"}`` on held-out pairs.
+
+    The implicit reward of a completion is ``beta * (log pi(y|x) - log pi_ref(y|x))`` (summed log-probs; Rafailov et
+    al. 2023, eq. 5); accuracy is the share of pairs whose chosen reward is strictly greater (a tie counts as wrong,
+    as TRL's ``rewards/accuracies``), the margin the mean of chosen minus rejected. ``ref=None`` compares the policy's
+    log-probs alone (no reference). The reference's scores are computed once and reused (the reference does not
+    move) unless ``rescore_reference`` (TR-DPO's moving reference).
+
+    Args:
+      records: the held-out ``{prompt, chosen, rejected}`` records, tokenised under the training limits
+        (:func:`length_limits`) in batches of ``data.eval_batch_size`` within ``data.eval_max_tokens``.
+      score_policy / score_reference: ``(params, batch) -> (chosen [B], rejected [B])`` summed log-probs.
+    """
+    from jrlhf.evaluation import preference_scores
+
+    data_cfg = run.cfg.data
+    cache = {}
+
+    def scores(fn):
+        return preference_scores(fn, run.tokenizer, records, batch_size=data_cfg.eval_batch_size,
+                                 limits=length_limits(data_cfg), max_tokens=data_cfg.eval_max_tokens)
+
+    def evaluate(params, ref) -> dict:
+        chosen, rejected = scores(lambda b: score_policy(params, b))
+        if ref is not None:
+            if rescore_reference or "scores" not in cache:
+                cache["scores"] = scores(lambda b: score_reference(ref, b))
+            ref_chosen, ref_rejected = cache["scores"]
+            chosen, rejected = chosen - ref_chosen, rejected - ref_rejected
+        chosen, rejected = beta * chosen, beta * rejected
+        return {"rewards/accuracies": float((chosen > rejected).mean()),
+                "rewards/margins": float((chosen - rejected).mean()), "num_examples": int(len(chosen))}
+
+    return evaluate
+
+
 def generation_eval(run: RunContext, records, model=None, stop_token_ids=()):
     """An ``evaluate(params, frozen, scorers=())`` that scores greedy completions of ``records`` with
     ``data.eval_reward`` (and ``scorers``, see :func:`jrlhf.evaluation.reward_accuracy`);

@@ -29,9 +29,9 @@ import numpy as np
 
 from jrlhf import losses
 from jrlhf.algorithms.base import (PREFERENCE_FIELDS, Algorithm, AlgorithmInputError, AlgorithmSetup,
-                                   check_chunk_setting, completion_logps, concat_pairs, generation_eval, length_limits,
-                                   load_eval_records, preference_eval_records, preference_globals, tokenize_train,
-                                   with_input_checks)
+                                   check_chunk_setting, completion_logps, concat_pairs, generation_eval,
+                                   implicit_reward_eval, load_eval_records, preference_eval_records, preference_globals,
+                                   tokenize_train, with_input_checks)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
 from jrlhf.models.lora import base_model, has_adapters
@@ -353,8 +353,6 @@ def setup(run) -> AlgorithmSetup:
     """Builds the DPO parts for the loop: :func:`make` (the reference a copy of the initial policy), the tokenised
     data (with the reference log-probs attached once when ``precompute_ref_log_probs``), evaluation of held-out
     preference accuracy (implicit reward of chosen > rejected, as TRL counts it) and exact match."""
-    from jrlhf.evaluation import preference_scores
-
     cfg, algo, model = run.cfg, run.cfg.algo, run.model
     algorithm = make(model, algo, num_microbatches=cfg.train.num_microbatches)
     train_data = tokenize_train(run, DATA_KIND)
@@ -379,28 +377,17 @@ def setup(run) -> AlgorithmSetup:
     eval_ref = ref_params if algorithm.frozen_type is None and not lora_ref else None
     score_policy = jax.jit(lambda p, b: _split_pairs(_policy_logps(model, p, b, algo)[0]))
     score_reference = jax.jit(lambda ref, b: reference_logps(ref_model, ref, b, algo))
-    reference_cache = {}  # the held-out pairs' reference log-probs, scored once unless TR-DPO moves the reference
-
-    def scores(fn):
-        return preference_scores(fn, run.tokenizer, pref_records, batch_size=cfg.data.eval_batch_size,
-                                 limits=length_limits(cfg.data), max_tokens=cfg.data.eval_max_tokens)
+    # the held-out pairs' reference log-probs are scored once unless TR-DPO moves the reference
+    pref_eval = implicit_reward_eval(run, pref_records, score_policy, score_reference, algo.beta,
+                                     rescore_reference=algo.sync_ref_model) if pref_records else None
 
     def evaluate(params, frozen_now):
         out = {}
-        if pref_records:
+        if pref_eval is not None:
             ref = frozen_now.ref_params if isinstance(frozen_now, Frozen) else eval_ref
             if lora_ref:  # the base: the current params with the adapters off (the base never changes)
                 ref = params
-            c, r = scores(lambda b: score_policy(params, b))
-            if ref is not None:
-                if algo.sync_ref_model or "scores" not in reference_cache:
-                    reference_cache["scores"] = scores(lambda b: score_reference(ref, b))
-                ref_c, ref_r = reference_cache["scores"]
-                c, r = c - ref_c, r - ref_r
-            c, r = algo.beta * c, algo.beta * r  # implicit rewards β·(log π - log π_ref)
-            out["rewards/accuracies"] = float((c > r).mean())
-            out["rewards/margins"] = float((c - r).mean())
-            out["num_examples"] = int(len(c))
+            out.update(pref_eval(params, ref))
         if gen_eval is not None:
             out.update(gen_eval(params, frozen_now))
         return out

@@ -38,7 +38,7 @@ import numpy as np
 
 from jrlhf import losses
 from jrlhf.algorithms.base import (Algorithm, AlgorithmInputError, AlgorithmSetup, check_chunk_setting, check_fields,
-                                   check_frozen, completion_logps, concat_pairs, generation_eval, length_limits,
+                                   check_frozen, completion_logps, concat_pairs, generation_eval, implicit_reward_eval,
                                    load_eval_records, preference_eval_records, tokenize_train)
 from jrlhf.config import ConfigError
 from jrlhf.models import logical_axes
@@ -476,7 +476,6 @@ def setup(run) -> AlgorithmSetup:
         ``data.shuffle: true``.
     """
     from jrlhf.data import length_buckets
-    from jrlhf.evaluation import preference_scores
 
     cfg, algo, model = run.cfg, run.cfg.algo, run.model
     check_config(algo)
@@ -510,24 +509,14 @@ def setup(run) -> AlgorithmSetup:
     eval_ref = run.params if algorithm.frozen_type is None and not lora_ref else None
     score_policy = jax.jit(lambda p, b: _pair_logps(model, p, b, algo))
     score_reference = jax.jit(lambda p, b: _pair_logps(ref_model, p, b, algo))
-    reference_cache = {}
-
-    def scores(fn):
-        return preference_scores(fn, run.tokenizer, pref_records, batch_size=cfg.data.eval_batch_size,
-                                 limits=length_limits(cfg.data), max_tokens=cfg.data.eval_max_tokens)
+    pref_eval = implicit_reward_eval(run, pref_records, score_policy, score_reference,
+                                     algo.beta) if pref_records else None
 
     def evaluate(params, frozen_now):
         out = {}
-        if pref_records:
+        if pref_eval is not None:
             ref = params if lora_ref else (frozen_now.ref_params if isinstance(frozen_now, Frozen) else eval_ref)
-            c, r = scores(lambda b: score_policy(params, b))
-            if "scores" not in reference_cache:
-                reference_cache["scores"] = scores(lambda b: score_reference(ref, b))
-            ref_c, ref_r = reference_cache["scores"]
-            c, r = algo.beta * (c - ref_c), algo.beta * (r - ref_r)
-            out["rewards/accuracies"] = float((c > r).mean())
-            out["rewards/margins"] = float((c - r).mean())
-            out["num_examples"] = int(len(c))
+            out.update(pref_eval(params, ref))
         if gen_eval is not None:
             out.update(gen_eval(params, frozen_now))
         return out
