@@ -19,7 +19,7 @@ demo: install
 
 # Installs, then runs the whole test suite.
 test: install-test
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # Each system (jrlhf, TRL, a plain PyTorch loop, transformers.generate) in its own process at its own threading.
 bench: install-test
