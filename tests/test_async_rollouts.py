@@ -234,7 +234,7 @@ def test_a_failing_rollout_raises_in_the_loop_thread():
 
 
 def test_rloo_and_ppo_train_one_step_off_policy(tmp_path, prompts_file):
-    for algorithm, extra in (("rloo", {}), ("ppo", {"num_generations": 1})):
+    for algorithm, extra in (("rloo", {}), ("ppo", {"num_generations": 2})):
         config = run_config(prompts_file, tmp_path / algorithm, 2, max_staleness=1, **extra)
         config["algorithm"] = algorithm
         for key in ("loss_type", "epsilon", "beta") if algorithm == "ppo" else ("loss_type",):
