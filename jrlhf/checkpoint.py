@@ -174,6 +174,10 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------------ restoring
 
+    def read_meta(self, step: int) -> dict:
+        """The meta dict saved with ``step`` (read alone, without the state)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, state_like, *, step: int | None = None, expect_model: dict | None = None):
         """Restores ``(state, meta)`` into the shapes/shardings of ``state_like``.
 

@@ -30,6 +30,7 @@ import yaml
 from jrlhf import distributed
 from jrlhf.algorithms import get_algorithm
 from jrlhf.algorithms.base import RunContext
+from jrlhf.algorithms.onpolicy import AsyncRollouts
 from jrlhf.checkpoint import CheckpointError, Checkpointer, acquire_run_lock
 from jrlhf.config import ConfigError, RunConfig, build_config, check_no_placeholders, load_config, to_dict
 from jrlhf.data import BatchIterator, PromptBatch, load_tokenizer, make_batch_iterator
@@ -448,13 +449,27 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     model_meta = json.loads(json.dumps(model_meta, default=str))
     mutable_frozen = setup.after_step is not None and frozen is not None
 
-    def bundle(state, frozen):
-        if lora_trained is not None:
-            state = state.replace(params=_select(state.params, lora_trained))
-        return {"train_state": state, "frozen": frozen} if mutable_frozen else {"train_state": state}
+    # asynchronous rollouts (algo.max_staleness > 0): the rollouts submitted but not trained yet are saved as their
+    # behaviour params (max_staleness slots, unused ones hold the current params) and regenerated on resume
+    staleness = int(getattr(cfg.algo, "max_staleness", 0) or 0) if setup.onpolicy is not None else 0
+
+    def bundle(state, frozen, behaviour=None):
+        def trained(params):
+            return _select(params, lora_trained) if lora_trained is not None else params
+
+        out = {"train_state": state.replace(params=trained(state.params)) if lora_trained is not None else state}
+        if mutable_frozen:
+            out["frozen"] = frozen
+        if staleness:
+            slots = list(behaviour or [])[:staleness]
+            slots += [state.params] * (staleness - len(slots))
+            out["behaviour"] = [trained(params) for params in slots]
+        return out
 
     start_step = 0
+    resumed_pending = []
     if t.resume and ckpt.latest_step() is not None:
+        _check_saved_staleness(ckpt, staleness)
         restored, meta = ckpt.restore(bundle(state, frozen), expect_model=model_meta)
         if lora_trained is not None:
             saved = meta.get("lora_base_fingerprint")
@@ -469,6 +484,10 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         state = restored["train_state"]
         if mutable_frozen:
             frozen = restored["frozen"]
+        for (pending_step, behaviour_step), params in zip(meta.get("pending", []), restored.get("behaviour", [])):
+            if lora_trained is not None:
+                params = _put_back(state.params, lora_trained, params)
+            resumed_pending.append((int(pending_step), int(behaviour_step), params))
         iterator.load_state_dict(meta["data"])
         start_step = int(meta["step"])
         log(f"[resume] from step {start_step} in {ckpt.directory}")
@@ -483,7 +502,7 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
 
     # ``done``: the newest completed step, its state, frozen params and the data position after it; an exception or a
     # signal mid-step never leaves a half-updated one. ``saved_step``: the newest step saved (or being saved).
-    done = {"step": start_step, "state": state, "frozen": frozen, "data": iterator.state_dict()}
+    done = {"step": start_step, "state": state, "frozen": frozen, "data": iterator.state_dict(), "pending": []}
     saved_step = start_step
 
     def save(force=False):
@@ -491,7 +510,11 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         meta = {"step": int(done["step"]), "data": done["data"], "config": resolved, "model_config": model_meta}
         if lora_trained is not None:
             meta["lora_base_fingerprint"] = base_fingerprint
-        ckpt.save(done["step"], bundle(done["state"], done["frozen"]), meta, force=force)
+        if staleness:
+            meta["max_staleness"] = staleness
+            meta["pending"] = [[j, b] for j, b, _ in done["pending"]]
+        ckpt.save(done["step"], bundle(done["state"], done["frozen"], [p for _, _, p in done["pending"]]), meta,
+                  force=force)
         saved_step = done["step"]
 
     best = _best_tracker(t, setup, run_dir, resumed=start_step > 0)
@@ -536,11 +559,30 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
     eval_result = {}
     hf_dir = None
     early_stopped = False
+    pipe, data_before = None, {}
+    if staleness:
+        pipe = AsyncRollouts(lambda params, *args: setup.onpolicy.collect(_ParamsView(params), *args), staleness,
+                             num_steps=t.steps)
+
+        def rollout_args(j):  # in the loop's thread: the data order of the synchronous loop
+            data_before[j] = iterator.state_dict()
+            return next(iterator), frozen, jax.random.fold_in(collect_rng, j)
+
+        for pending_step, behaviour_step, params in resumed_pending:
+            pipe.submit(pending_step, params, *rollout_args(pending_step), behaviour_step=behaviour_step)
     try:
         while step < t.steps and not shutdown.requested():
-            host_batch = next(iterator)
             host_metrics = {}
-            if setup.onpolicy is not None:
+            if pipe is not None:
+                pipe.fill(step, state.params, rollout_args)  # snapshots the params before the update donates them
+                (device_batch, host_metrics, samples), behaviour_step = pipe.take(step)
+                host_metrics = dict(host_metrics)
+                host_metrics["rollout/staleness"] = float(step - behaviour_step)
+                tokens = int(host_metrics.pop("_num_tokens", 0))
+                if samples and t.log_every and (step + 1) % t.log_every == 0:
+                    writer.write_text(step + 1, "completions", samples)
+            elif setup.onpolicy is not None:
+                host_batch = next(iterator)
                 rng = jax.random.fold_in(collect_rng, step)
                 extra = {}
                 if getattr(cfg.algo, "dynamic_sampling", False):  # more prompt batches for dropped groups
@@ -550,13 +592,21 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
                 if samples and t.log_every and (step + 1) % t.log_every == 0:
                     writer.write_text(step + 1, "completions", samples)
             else:
+                host_batch = next(iterator)
                 device_batch = _to_device(host_batch, mesh)
                 tokens = count_tokens(host_batch)
             state, metrics = step_fn(state, device_batch, frozen)
             if setup.after_step is not None:
                 frozen = setup.after_step(step + 1, state, frozen)
             step += 1
-            done.update(step=step, state=state, frozen=frozen, data=iterator.state_dict())
+            if pipe is None:
+                done.update(step=step, state=state, frozen=frozen, data=iterator.state_dict())
+            else:  # the data position before the prompts of the rollouts still pending (re-drawn on resume)
+                pending = pipe.pending()
+                data = data_before[pending[0][0]] if pending else iterator.state_dict()
+                for j in [j for j in data_before if j < step]:
+                    del data_before[j]
+                done.update(step=step, state=state, frozen=frozen, data=data, pending=pending)
             monitor(step, metrics)
             tokens_since += tokens
             if t.log_every and step % t.log_every == 0:
@@ -600,6 +650,8 @@ def _train(cfg: RunConfig, shutdown: _Shutdown) -> dict:
         _save_on_error(ckpt, done, saved_step, save, log)
         raise
     finally:
+        if pipe is not None:
+            pipe.close()
         if bar is not None:
             bar.close()
 
@@ -658,6 +710,31 @@ def _copy_generation_config(cfg: RunConfig, hf_dir: str) -> None:
         if path and os.path.isfile(path):
             shutil.copyfile(path, os.path.join(hf_dir, "generation_config.json"))
             return
+
+
+class _ParamsView:
+    """What an on-policy ``collect`` reads of the train state (``state.params``), holding a params snapshot."""
+
+    def __init__(self, params):
+        self.params = params
+
+
+def _check_saved_staleness(ckpt, staleness: int) -> None:
+    """A checkpoint holds the pending rollouts of its run's ``algo.max_staleness``: resuming it needs the same value.
+
+    Raises:
+      CheckpointError: the newest checkpoint was written with another ``algo.max_staleness``.
+    """
+    try:
+        meta = ckpt.read_meta(ckpt.latest_step())
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported (and skipped) by restore()
+        return
+    saved = int(meta.get("max_staleness", 0)) if isinstance(meta, dict) else 0
+    if saved != staleness:
+        raise CheckpointError(
+            f"the checkpoint in {ckpt.directory} was written with algo.max_staleness={saved} (it holds that many "
+            f"pending rollouts' behaviour params); resume with algo.max_staleness: {saved}, or use another "
+            "train.output_dir")
 
 
 def _save_on_error(ckpt, done, saved_step, save, log) -> None:

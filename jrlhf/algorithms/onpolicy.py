@@ -120,6 +120,13 @@ class RolloutConfig:
       max_episode_tokens: with ``env``, the token budget of an episode after its prompt (assistant and environment
         tokens together: the ``N`` columns of the rollout batch); ``None``: ``2 * max_turns *
         max_completion_length``.
+      max_staleness: asynchronous (off-policy) rollouts: the rollout trained at loop step ``k`` is generated, in a
+        background thread while earlier updates run, by the params of step ``max(0, k - max_staleness)``
+        (:class:`AsyncRollouts`); ``0`` (default) is the synchronous loop, ``1`` is one-step-off-policy training
+        (verl's ``one_step_off_policy`` recipe; AReaL's ``max_head_offpolicyness``, PipelineRL's ``max_lag``, where
+        0 also means synchronous). The importance ratio's denominator ``old_logps`` is the behaviour policy's: the
+        log-probs of the params that generated the rollout, so the ratio corrects for the staleness. Costs
+        ``max_staleness`` extra copies of the params on the device and in each checkpoint.
     """
 
     num_generations: int = 8
@@ -147,6 +154,7 @@ class RolloutConfig:
     env_args: dict | None = None
     max_turns: int = 1
     max_episode_tokens: int | None = None
+    max_staleness: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -195,6 +203,7 @@ def check_rollout_settings(algo, *, min_generations: int = 1, max_completion_len
     if not isinstance(algo.max_num_gen_batches, int) or algo.max_num_gen_batches < 1:
         raise ConfigError(f"algo.max_num_gen_batches={algo.max_num_gen_batches!r}: must be an int >= 1 (generation "
                           "rounds per batch, the first included)")
+    check_staleness_settings(algo)
     if getattr(algo, "env", None) is not None:
         from jrlhf.algorithms.multiturn import check_env_settings
 
@@ -203,6 +212,26 @@ def check_rollout_settings(algo, *, min_generations: int = 1, max_completion_len
     if algo.reward_weights is not None and sources and len(algo.reward_weights) != sources:
         raise ConfigError(f"algo.reward_weights has {len(algo.reward_weights)} entries for {sources} reward "
                           "source(s) (the reward_funcs in order, then the reward_model)")
+
+
+def check_staleness_settings(algo) -> None:
+    """Rejects ``max_staleness`` settings that cannot work (:class:`jrlhf.config.ConfigError` naming the key)."""
+    s = getattr(algo, "max_staleness", 0)
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+        raise ConfigError(f"algo.max_staleness={s!r}: must be an int >= 0 (0: synchronous rollouts, 1: "
+                          "one-step-off-policy)")
+    if s == 0:
+        return
+    if algo.dynamic_sampling:
+        raise ConfigError("algo.max_staleness > 0 with algo.dynamic_sampling is not supported (the extra prompt "
+                          "batches would be drawn from the data stream by the background rollout); set one of them "
+                          "off")
+    if getattr(algo, "env", None) is not None:
+        raise ConfigError("algo.max_staleness > 0 is not supported with algo.env (multi-turn rollouts) yet; set "
+                          "algo.max_staleness: 0")
+    if jax.process_count() > 1:
+        raise ConfigError("algo.max_staleness > 0 is not supported on several processes yet (the background "
+                          "rollout's collectives could interleave with the update's); set algo.max_staleness: 0")
 
 
 def check_correction_settings(algo) -> None:
@@ -1062,6 +1091,122 @@ def make_collect(run, rewards: RewardSources, collector: Collector) -> Callable:
         return out.batch, out.metrics, samples
 
     return collect
+
+
+def snapshot_params(params):
+    """A device copy of ``params`` (same shardings, dispatched asynchronously) that an update donating the train
+    state's buffers cannot invalidate: what a rollout running beside the update reads."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+
+
+class _Pending(NamedTuple):
+    behaviour_step: int
+    params: Any
+    future: Any
+
+
+class AsyncRollouts:
+    """Off-policy rollouts made ahead of the update in one background thread (``algo.max_staleness``).
+
+    The rollout trained at step ``k`` is made with the params of step ``max(0, k - max_staleness)``: at step ``k``
+    :meth:`fill` snapshots the current params (:func:`snapshot_params`, before the update donates them) and submits
+    the rollouts of steps up to ``k + max_staleness``; :meth:`take` then waits for the rollout of step ``k``. While
+    the worker decodes, scores (host reward functions) and detokenises rollout ``k + 1``, the main thread's update of
+    step ``k`` runs (JAX dispatch is asynchronous and the worker's host work releases the GIL around device waits).
+    Rollouts run one at a time, in step order, so each is a pure function of (its behaviour params, its prompts, its
+    rng): the same numbers as a synchronous rollout with those params (bit for bit on one backend).
+
+    ``rollout_fn(params, *args)`` is called in the worker thread with the snapshot; ``args`` are made in the calling
+    thread by ``make_args(step)`` (draw the prompts there, so the data order is the synchronous loop's). With
+    ``max_staleness = 0`` everything runs in the calling thread, in order (the synchronous loop).
+
+    Use by hand (``algo = grpo.make(...)``)::
+
+        pipe = AsyncRollouts(lambda params, prompts, rng: algo.rollout(params, prompts, rng, tokenizer=tok),
+                             max_staleness=1, num_steps=steps)
+        for step in range(steps):
+            pipe.fill(step, state.params, lambda j: (next(batches), jax.random.fold_in(rng, j)))
+            out, behaviour_step = pipe.take(step)       # out.batch.old_logps: the behaviour policy's log-probs
+            state, metrics = update(state, out.batch, frozen)
+        pipe.close()
+
+    Checkpointing (what ``jrlhf train`` does): :meth:`pending` lists the submitted rollouts not yet taken with
+    their behaviour params; saving those params with the train state and calling :meth:`submit` for each on resume
+    (prompts re-drawn from the data position before them) regenerates them exactly.
+    """
+
+    def __init__(self, rollout_fn: Callable, max_staleness: int, num_steps: int | None = None):
+        import concurrent.futures
+
+        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+            raise ConfigError(f"max_staleness={max_staleness!r}: must be an int >= 0")
+        self.rollout_fn = rollout_fn
+        self.max_staleness = max_staleness
+        self.num_steps = num_steps
+        self._pending: dict[int, _Pending] = {}
+        self._next = 0  # the next step to submit
+        self._executor = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrlhf-rollout")
+                          if max_staleness > 0 else None)
+
+    def submit(self, step: int, params, *args, behaviour_step: int | None = None) -> None:
+        """Starts the rollout of ``step`` with (a snapshot of) ``params``, the params of ``behaviour_step``."""
+        if step in self._pending:
+            raise ValueError(f"AsyncRollouts: the rollout of step {step} is already submitted")
+        snapshot = snapshot_params(params) if self._executor is not None else params
+        self._submit(step, snapshot, args, step if behaviour_step is None else behaviour_step)
+
+    def _submit(self, step, snapshot, args, behaviour_step):
+        import concurrent.futures
+
+        if self._executor is None:
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(self.rollout_fn(snapshot, *args))
+            except BaseException as error:  # noqa: BLE001 - re-raised by take()
+                future.set_exception(error)
+        else:
+            future = self._executor.submit(self.rollout_fn, snapshot, *args)
+        self._pending[step] = _Pending(int(behaviour_step), snapshot, future)
+        self._next = max(self._next, step + 1)
+
+    def fill(self, step: int, params, make_args: Callable) -> None:
+        """Submits the rollouts of steps ``next .. step + max_staleness`` (not past ``num_steps - 1``) with the
+        current ``params`` (one snapshot shared by all of them), the params of ``step``."""
+        last = step + self.max_staleness
+        if self.num_steps is not None:
+            last = min(last, self.num_steps - 1)
+        todo = list(range(max(self._next, step), last + 1))
+        if not todo:
+            return
+        snapshot = snapshot_params(params) if self._executor is not None else params
+        for j in todo:
+            self._submit(j, snapshot, make_args(j), step)
+
+    def take(self, step: int):
+        """``(result of rollout_fn, behaviour step)`` of ``step`` (waits for it; re-raises its exception)."""
+        if step not in self._pending:
+            raise ValueError(f"AsyncRollouts: no rollout submitted for step {step} (call fill first)")
+        pending = self._pending.pop(step)
+        return pending.future.result(), pending.behaviour_step
+
+    def pending(self) -> list:
+        """``[(step, behaviour_step, params)]`` of the submitted rollouts not taken yet, in step order."""
+        return [(j, p.behaviour_step, p.params) for j, p in sorted(self._pending.items())]
+
+    def close(self) -> None:
+        """Drops the rollouts not taken (a running one is finished first; queued ones are cancelled)."""
+        for pending in self._pending.values():
+            pending.future.cancel()
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _global_prompts(prompt_batch, mesh):
