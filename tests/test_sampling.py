@@ -546,24 +546,3 @@ def test_min_new_tokens_matches_transformers_generate(hf_pair):
             if want[b, t] == eos:
                 break
     assert compared >= 0.9 * np.asarray(out.lengths).sum()
-
-
-def test_cpu_program_is_compiled_without_ynnpack_fusions():
-    """On CPU the sampler's program is compiled with XLA's own dot emitters (faster decode steps than the YNNPACK
-    fusions XLA:CPU uses by default); the compiled text then holds no YNNPACK fusion, and a plain jit of the same
-    kind of matmul does (so the check can fail)."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the option applies to CPU programs only")
-    if sampling._cpu_compiler_options(None) is None:
-        pytest.skip("this XLA has no xla_cpu_experimental_ynn_fusion_type option")
-    model, params = jrlhf.models.init_model(jrlhf.models.tiny_config("llama"), jax.random.key(0))
-    ids = np.full((2, 4), 5, np.int32)
-    mask = np.ones_like(ids)
-    static = sampling._Static(max_new_tokens=3, num_samples=1, top_k=0, min_new_tokens=0, eos_ids=(), pad_token_id=0,
-                              stop_sequences=(), cache_dtype=None, batch_axes=("data", "fsdp"))
-    fn = sampling._build(model, static, None)
-    text = fn.lower(params, ids, mask, jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0)).compile().as_text()
-    plain = jax.jit(lambda x, w: x @ w).lower(jnp.ones((8, 64)), jnp.ones((64, 64))).compile().as_text()
-    if "__ynn_fusion" not in plain:
-        pytest.skip("this XLA:CPU does not use YNNPACK fusions by default")
-    assert "dot" in text and "__ynn_fusion" not in text
