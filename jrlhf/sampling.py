@@ -461,30 +461,7 @@ def _build(model: Any, static: _Static, mesh: jax.sharding.Mesh | None):
         mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.int32)
         return SampleOutput(tokens=tokens, mask=mask, logps=logps, truncated=~done, lengths=lengths)
 
-    return jax.jit(run, compiler_options=_cpu_compiler_options(mesh))
-
-
-# XLA:CPU compiles dots and reductions into YNNPACK fusions by default. A decode step multiplies a few rows
-# ([R, H] with R = rows) by every weight matrix, and XLA's own dot emitters ran those steps faster: at the `small`
-# benchmark size (8 rows, 64 new tokens, one process timing both programs in turn) 27-39 ms per step against
-# 32-46 ms, and 159 ms against 181 ms on SmolLM2-135M (8 rows, 256-token prompts). Same tokens; log-probs moved by
-# <= 5e-5 (another summation order).
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_CPU_OPTIONS_OK: list = []
-
-
-def _cpu_compiler_options(mesh: jax.sharding.Mesh | None) -> dict | None:
-    """``_CPU_OPTIONS`` when the program runs on CPU devices and this XLA accepts them (checked once), else None."""
-    devices = mesh.devices.flat if mesh is not None else jax.devices()
-    if any(d.platform != "cpu" for d in devices):
-        return None
-    if not _CPU_OPTIONS_OK:
-        try:
-            jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(np.float32(0)).compile()
-            _CPU_OPTIONS_OK.append(True)
-        except Exception:  # an XLA without the option: its defaults
-            _CPU_OPTIONS_OK.append(False)
-    return dict(_CPU_OPTIONS) if _CPU_OPTIONS_OK[0] else None
+    return jax.jit(run)
 
 
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
