@@ -71,6 +71,27 @@ def test_ppo_shapes_scores_with_the_running_moments_updated_by_this_rollout_firs
     np.testing.assert_allclose(np.asarray(shaped)[[0, 1, 3]], [1.0, 2.0, 2.0])
 
 
+def test_ppo_group_baseline_centres_each_prompts_scores_before_scaling_hand_computed():
+    # two prompts x 4 samples (rows b * 4 + i); prompt 0: 1, 3, (no reward), 5 -> mean of the scorable 3;
+    # prompt 1: 2, 2, 4, 8 -> mean 4
+    batch = _rollout_batch([1.0, 3.0, float("nan"), 5.0, 2.0, 2.0, 4.0, 8.0])
+    shaped, moments = ppo.shaped_scores(batch, ppo.Config(num_generations=4, score_baseline="group"), None)
+    assert moments is None
+    np.testing.assert_allclose(np.asarray(shaped), [-2.0, 0.0, 0.0, 2.0, -2.0, -2.0, 0.0, 4.0])
+    # then the running moments see the centred scores -2, 0, 2, -2, -2, 0, 4 (mean 0, population var 32 / 7)
+    algo = ppo.Config(num_generations=4, score_baseline="group", use_score_scaling=True, use_score_norm=True,
+                      score_clip=1.5)
+    shaped, moments = ppo.shaped_scores(batch, algo, (0.0, 1.0, 0.0))
+    np.testing.assert_allclose(moments, [0.0, 32 / 7, 7.0], rtol=1e-6, atol=1e-7)
+    std = np.sqrt(32 / 6)  # Bessel: 2.3094
+    expected = np.clip(np.array([-2.0, 0.0, 2.0, -2.0, -2.0, 0.0, 4.0]) / std, -1.5, 1.5)
+    np.testing.assert_allclose(np.asarray(shaped)[[0, 1, 3, 4, 5, 6, 7]], expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="score_baseline=.mean."):
+        ppo.check_algo(ppo.Config(num_generations=4, score_baseline="mean"))
+    with pytest.raises(ConfigError, match="num_generations=1"):
+        ppo.check_algo(ppo.Config(num_generations=1, score_baseline="group"))
+
+
 def test_ppo_algo_state_follows_the_kl_controller_and_keeps_the_moments():
     algo = ppo.Config(adaptive_kl=True, target_kl=1.0, kl_horizon=100.0, use_score_scaling=True)
     state = ppo.init_algo_state(algo)

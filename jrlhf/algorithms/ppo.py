@@ -54,6 +54,11 @@ class Config(onpolicy.RolloutConfig):
         (:func:`jrlhf.losses.scale_scores`; TRL's former ``PPOConfig`` name); the moments live in the algorithm
         state (``score_mean``, ``score_var``, ``score_count``), so they are checkpointed and resumed.
       use_score_norm: with ``use_score_scaling``, also subtract the running mean.
+      score_baseline: ``group``: subtract from each score the mean score of its prompt's ``num_generations``
+        scorable completions, before scaling and clipping (the group baseline of RLOO / GRPO / ReMax, applied to the
+        score that PPO's KL-penalised reward starts from). A Bradley-Terry reward model is fitted on pairs of
+        answers to the same prompt, so its scores are defined only up to a per-prompt offset; centring in the group
+        removes that offset instead of leaving it to the value head. ``None``: off.
       score_clip: clip the (scaled) sequence scores to ``[-score_clip, score_clip]`` before the KL penalty
         (``None``: off).
       whiten_advantages: whiten the advantages over the rollout.
@@ -79,6 +84,7 @@ class Config(onpolicy.RolloutConfig):
     whiten_rewards: bool = False
     use_score_scaling: bool = False
     use_score_norm: bool = False
+    score_baseline: str | None = None
     score_clip: float | None = None
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
@@ -119,16 +125,32 @@ def check_algo(algo: Config) -> None:
                           "scaled scores)")
     if algo.score_clip is not None and not algo.score_clip > 0:
         raise ConfigError(f"algo.score_clip={algo.score_clip}: must be > 0 (a symmetric bound), or null for no clip")
+    if algo.score_baseline not in (None, "group"):
+        raise ConfigError(f"algo.score_baseline={algo.score_baseline!r}: must be 'group' or null (off)")
+    if algo.score_baseline == "group" and algo.num_generations < 2:
+        raise ConfigError(f"algo.score_baseline: group needs groups: num_generations={algo.num_generations} (>= 2)")
 
 
 SCORE_MOMENTS = ("score_mean", "score_var", "score_count")
 
 
+def group_centred_scores(scores, scorable, group_size: int):
+    """``scores [R]`` minus the mean of the scorable scores of their group (rows ``b * group_size + i`` form group
+    ``b``): float32 ``[R]``; a group with no scorable row gives 0. ``scorable [R]`` bool."""
+    scores = scores.astype(jnp.float32).reshape(-1, group_size)
+    keep = scorable.reshape(-1, group_size).astype(jnp.float32)
+    mean = jnp.sum(scores * keep, axis=1, keepdims=True) / jnp.maximum(jnp.sum(keep, axis=1, keepdims=True), 1.0)
+    return ((scores - mean) * keep).reshape(-1)
+
+
 def shaped_scores(batch: dict, algo: Config, moments=None):
     """``(scores [R] float32, new moments or None)``: the rollout's sequence scores (NaN -> 0) after
-    ``use_score_scaling`` / ``use_score_norm`` (running moments ``moments = (mean, var, count)`` updated with this
-    rollout's scorable rows first, as TRL did) and ``score_clip``."""
+    ``score_baseline`` (:func:`group_centred_scores`), ``use_score_scaling`` / ``use_score_norm`` (running moments
+    ``moments = (mean, var, count)`` updated with this rollout's scorable rows first, as TRL did) and
+    ``score_clip``."""
     scores, _ = onpolicy.scorable_scores(batch)
+    if algo.score_baseline == "group":
+        scores = group_centred_scores(scores, ~jnp.isnan(batch["scores"].astype(jnp.float32)), algo.num_generations)
     new = None
     if algo.use_score_scaling:
         scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
