@@ -149,11 +149,11 @@ def shaped_scores(batch: dict, algo: Config, moments=None):
     ``moments = (mean, var, count)`` updated with this rollout's scorable rows first, as TRL did) and
     ``score_clip``."""
     scores, _ = onpolicy.scorable_scores(batch)
+    scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
     if algo.score_baseline == "group":
-        scores = group_centred_scores(scores, ~jnp.isnan(batch["scores"].astype(jnp.float32)), algo.num_generations)
+        scores = group_centred_scores(scores, scorable, algo.num_generations)
     new = None
     if algo.use_score_scaling:
-        scorable = ~jnp.isnan(batch["scores"].astype(jnp.float32))
         mean, var, count = moments if moments is not None else (0.0, 1.0, 0.0)
         new = losses.running_moments_update(mean, var, count, scores, scorable)
         scores = losses.scale_scores(scores, *new, use_score_norm=algo.use_score_norm, score_clip=algo.score_clip)
