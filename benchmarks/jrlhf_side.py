@@ -255,7 +255,8 @@ def grpo_whole(size: BenchSize, paths: dict, prompts: list, reward_fn: Callable,
     tokenizer = bdata.build_tokenizer(size.hf_config["vocab_size"])
     run_context = types.SimpleNamespace(
         cfg=types.SimpleNamespace(algo=algo, algorithm="grpo",
-                                  data=types.SimpleNamespace(max_completion_length=size.completion_length)),
+                                  data=types.SimpleNamespace(max_completion_length=size.completion_length),
+                                  train=types.SimpleNamespace(init_from=None), model=types.SimpleNamespace(path=None)),
         mesh=s.mesh, tokenizer=tokenizer, model=s.model, params=s.params)
     rewards = onpolicy.RewardSources(funcs=[reward_fn], names=[reward_fn.__name__], weights=np.ones(1, np.float32))
     collect = onpolicy.make_collect(run_context, rewards, onpolicy.Collector())

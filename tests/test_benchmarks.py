@@ -308,3 +308,24 @@ def test_markdown_table_shows_every_system_the_ratios_the_load_and_the_command()
     assert "error: RuntimeError: boom" in text
     assert "`python -m benchmarks.run`" in text and "load average: 2.00" in text
     assert "TRL DPOTrainer" in text and "plain PyTorch DPO loop" in text
+
+
+
+def test_grpo_whole_step_runs_the_training_loops_collect_in_a_worker(tmp_path):
+    """jrlhf's whole GRPO step (the loop's ``collect``: sampling, rollout forward, host reward; then the update) in
+    its own worker on the 1-layer size: built, compiled and timed without an error."""
+    from benchmarks import run
+
+    class Args:
+        pass
+
+    checkpoint = str(tmp_path / "ckpt")
+    bdata.write_checkpoint(MINI, checkpoint)
+    args = Args()
+    args.size, args.model_path, args.shrink, args.seed, args.torch_threads, args.cpus = "mini", None, False, 0, None, None
+    args.warmup, args.rounds, args.block, args.worker_timeout = 1, 1, 1, 600
+    args.system_list = ("jrlhf",)
+    log = []
+    row = run.run_benchmark("grpo_whole_step", args, MINI, checkpoint, log.append, str(tmp_path))
+    assert "error" not in row, "\n".join(log)
+    assert row["systems"]["jrlhf"]["summary"]["steps"] == 1
