@@ -1,4 +1,5 @@
-"""Command line: ``jrlhf train ALGO --config FILE [--set key=value ...]`` and ``jrlhf plot RUN_DIR [RUN_DIR ...]``."""
+"""Command line: ``jrlhf train ALGO --config FILE [--set key=value ...]``, ``jrlhf plot RUN_DIR [RUN_DIR ...]`` and
+``jrlhf pairs --model DIR --prompts SRC --reward NAME --out FILE --max-new-tokens N``."""
 
 from __future__ import annotations
 
@@ -27,7 +28,57 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--labels", nargs="*", default=None, help="legend labels of the runs (with --proxy-gold)")
     pl.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
     pl.add_argument("--keys", nargs="*", default=None, help="metric names to draw (default: loss/reward/kl/...)")
+    pr = sub.add_parser("pairs", help="preference pairs from a policy's own samples, labelled by a reward function "
+                                      "(on-policy data for a reward model)")
+    pr.add_argument("--model", required=True, help="the policy: a local Hugging Face directory (e.g. RUN/hf_model)")
+    pr.add_argument("--prompts", required=True, help="prompt records: a JSONL path, builtin:NAME, hf:DIR or tfds:NAME")
+    pr.add_argument("--reward", required=True,
+                    help="the labeller: a registered reward function or module:function (e.g. addition_exact_match)")
+    pr.add_argument("--out", required=True, help="output JSONL of {prompt, chosen, rejected, ...} records")
+    pr.add_argument("--max-new-tokens", type=int, required=True, help="completion budget per sample")
+    pr.add_argument("--num-generations", type=int, default=8, help="samples per prompt (default 8)")
+    pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    pr.add_argument("--max-pairs-per-prompt", type=int, default=2, help="pairs per prompt at most (default 2)")
+    pr.add_argument("--min-margin", type=float, default=0.0,
+                    help="a pair needs reward(chosen) - reward(rejected) > this (default 0)")
+    pr.add_argument("--reference-field", default=None,
+                    help="record field with a reference completion, labelled and offered as chosen (e.g. answer)")
+    pr.add_argument("--max-prompt-length", type=int, default=None, help="prompts cut to this many tokens")
+    pr.add_argument("--limit", type=int, default=None, help="read at most this many prompt records")
+    pr.add_argument("--batch-size", type=int, default=256, help="prompts per generation call (default 256)")
+    pr.add_argument("--include", default=None,
+                    help="preference records to write first (e.g. the original pairs); the output is shuffled")
+    pr.add_argument("--seed", type=int, default=0, help="sampling and shuffling seed (default 0)")
     return p
+
+
+def _pairs(args) -> int:
+    """``jrlhf pairs``: samples, labels and writes the pairs; prints the counts."""
+    import jax
+
+    from jrlhf.data import load_records, write_jsonl
+    from jrlhf.data.tokenizer import load_tokenizer
+    from jrlhf.models.checkpoint import from_pretrained
+    from jrlhf.pairs import mix_records, sample_preference_pairs
+
+    records = load_records(args.prompts, limit=args.limit, key="--prompts")
+    include = load_records(args.include, key="--include") if args.include else []
+    tokenizer = load_tokenizer(args.model)
+    model, params = from_pretrained(args.model)
+    limits = {"max_prompt_length": args.max_prompt_length} if args.max_prompt_length else None
+    pairs, stats = sample_preference_pairs(
+        model, params, tokenizer, records, args.reward, max_new_tokens=args.max_new_tokens,
+        num_generations=args.num_generations, temperature=args.temperature,
+        max_pairs_per_prompt=args.max_pairs_per_prompt, min_margin=args.min_margin,
+        reference_field=args.reference_field, batch_size=args.batch_size, limits=limits,
+        rng=jax.random.PRNGKey(args.seed))
+    out = mix_records(include, pairs, seed=args.seed) if include else pairs
+    write_jsonl(args.out, out)
+    print(f"[pairs] {stats['pairs']} pairs ({stats['reference_pairs']} with the reference chosen) from "
+          f"{stats['prompts_with_pairs']} of {stats['prompts']} prompts; {stats['samples']} samples, mean reward "
+          f"{stats['mean_reward']:.4g}; wrote {len(out)} records to {args.out}"
+          + (f" ({len(include)} from {args.include})" if include else ""))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -44,6 +95,8 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if args.command == "pairs":
+            return _pairs(args)
         if args.command == "plot":
             from jrlhf.plot import plot_proxy_gold, plot_run
 

@@ -1,0 +1,135 @@
+"""On-policy preference pairs (jrlhf.pairs, ``jrlhf pairs``): the labeller's best against its worst."""
+
+import json
+
+import jax
+import pytest
+
+from jrlhf import cli
+from jrlhf.config import ConfigError
+from jrlhf.data import load_records, tokenize_preference, write_jsonl
+from jrlhf.data.tokenizer import load_tokenizer
+from jrlhf.models import init_model, tiny_config
+from jrlhf.models.checkpoint import save_pretrained
+from jrlhf.pairs import _pairs_of_prompt, mix_records, sample_preference_pairs
+
+
+def test_binary_labels_pair_the_one_correct_answer_against_each_wrong_one_lowest_first():
+    cands = [("12", 0.0, "policy"), ("21", 1.0, "policy"), ("13", 0.0, "policy"), ("9", 0.0, "policy")]
+    pairs = _pairs_of_prompt(cands, max_pairs=2, min_margin=0.0)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("21", "12"), ("21", "13")]
+    assert all(p["kind"] == "policy" and p["chosen_reward"] == 1.0 and p["rejected_reward"] == 0.0 for p in pairs)
+
+
+def test_graded_labels_take_the_top_tier_in_turn_against_the_lowest_scored():
+    cands = [("a", 0.5, "policy"), ("b", 2.0, "policy"), ("c", -1.0, "policy"), ("d", 2.0, "policy"),
+             ("e", 1.9, "policy")]
+    pairs = _pairs_of_prompt(cands, max_pairs=3, min_margin=0.0)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "c"), ("d", "a"), ("b", "e")]
+    # a margin of 0.2 leaves "e" (0.1 below the top) out
+    pairs = _pairs_of_prompt(cands, max_pairs=3, min_margin=0.2)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "c"), ("d", "a")]
+
+
+def test_the_reference_is_chosen_only_when_no_sample_reaches_its_score_and_is_never_rejected():
+    wrong = [("12", 0.0, "policy"), ("13", 0.0, "policy")]
+    pairs = _pairs_of_prompt(wrong + [("21", 1.0, "reference")], max_pairs=2, min_margin=0.0)
+    assert [(p["chosen"], p["rejected"], p["kind"]) for p in pairs] == [("21", "12", "reference"),
+                                                                         ("21", "13", "reference")]
+    # a sample as good as the reference is chosen first
+    pairs = _pairs_of_prompt([("ref", 1.0, "reference")] + wrong + [("21 ", 1.0, "policy")], 2, 0.0)
+    assert [(p["chosen"], p["kind"]) for p in pairs] == [("21 ", "policy"), ("ref", "reference")]
+    # all samples equal and no reference: nothing to prefer
+    assert _pairs_of_prompt(wrong, 2, 0.0) == []
+    # a reference scored below the samples is not made a rejected answer
+    assert _pairs_of_prompt([("21", 1.0, "policy"), ("x", 0.0, "reference")], 2, 0.0) == []
+
+
+def _count_ones(prompts, completions, completion_ids=None, **kwargs):
+    return [float(c.count("1")) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    tokenizer = load_tokenizer()
+    model, params = init_model(tiny_config("llama", vocab_size=len(tokenizer)), jax.random.PRNGKey(3))
+    return model, params, tokenizer
+
+
+def test_sampled_pairs_carry_the_labellers_scores_and_each_prompts_best_against_its_worst(policy):
+    model, params, tokenizer = policy
+    records = [{"prompt": f"{i}{i}+1=", "answer": "1" * (i % 3 + 1)} for i in range(6)]
+    pairs, stats = sample_preference_pairs(model, params, tokenizer, records, _count_ones, max_new_tokens=4,
+                                           num_generations=6, max_pairs_per_prompt=3, reference_field="answer",
+                                           rng=jax.random.PRNGKey(1))
+    assert stats["prompts"] == 6 and stats["samples"] == 36 and stats["pairs"] == len(pairs) > 0
+    assert stats["reference_pairs"] == sum(p["kind"] == "reference" for p in pairs)
+    by_prompt = {}
+    for p in pairs:
+        # the labeller's scores, recomputed here
+        assert p["chosen_reward"] == p["chosen"].count("1") and p["rejected_reward"] == p["rejected"].count("1")
+        assert p["chosen_reward"] > p["rejected_reward"] and p["rejected"].strip() and p["chosen"].strip()
+        assert p["answer"] == next(r["answer"] for r in records if r["prompt"] == p["prompt"])
+        if p["kind"] == "reference":
+            assert p["chosen"] == p["answer"]
+        by_prompt.setdefault(p["prompt"], []).append(p)
+    assert stats["prompts_with_pairs"] == len(by_prompt)
+    for own in by_prompt.values():
+        assert len(own) <= 3 and len({p["rejected"] for p in own}) == len(own)
+        assert len({p["chosen_reward"] for p in own}) == 1  # the top tier only
+        assert [p["rejected_reward"] for p in own] == sorted(p["rejected_reward"] for p in own)
+    # the pairs are valid preference records
+    assert len(tokenize_preference(pairs, tokenizer, max_length=32).examples) == len(pairs)
+
+
+def test_pair_arguments_are_checked(policy):
+    model, params, tokenizer = policy
+    records = [{"prompt": "1+1=", "answer": "2"}]
+    for kwargs, needle in (({"num_generations": 0}, "num_generations"), ({"temperature": 0.0}, "temperature"),
+                           ({"max_pairs_per_prompt": 0}, "max_pairs_per_prompt"), ({"min_margin": -1}, "min_margin"),
+                           ({"reference_field": "gold"}, "reference_field 'gold'")):
+        with pytest.raises(ConfigError, match=needle):
+            sample_preference_pairs(model, params, tokenizer, records, _count_ones, max_new_tokens=2, **kwargs)
+
+
+def test_mix_records_keeps_every_record_and_shuffles_by_seed():
+    a, b = [{"i": i} for i in range(20)], [{"i": i} for i in range(20, 30)]
+    mixed = mix_records(a, b, seed=0)
+    assert sorted(r["i"] for r in mixed) == list(range(30)) and mixed != a + b
+    assert mix_records(a, b, seed=0) == mixed and mix_records(a, b, seed=1) != mixed
+
+
+def test_cli_writes_pairs_after_the_included_records(tmp_path, policy, capsys):
+    model, params, tokenizer = policy
+    model_dir = str(tmp_path / "policy")
+    save_pretrained(model, params, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(str(prompts), [{"prompt": f"{i}+{i}=", "answer": "1"} for i in range(8)])
+    original = tmp_path / "original.jsonl"
+    write_jsonl(str(original), [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 5)
+    out = tmp_path / "pairs.jsonl"
+    status = cli.main(["pairs", "--model", model_dir, "--prompts", str(prompts), "--reward", "tests.test_pairs:_count_ones",
+                       "--out", str(out), "--max-new-tokens", "4", "--num-generations", "4",
+                       "--reference-field", "answer", "--include", str(original), "--seed", "2"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    written = load_records(str(out))
+    made = [r for r in written if "kind" in r]
+    assert len(written) == 5 + len(made) and len(made) > 0
+    assert f"wrote {len(written)} records" in printed and "(5 from" in printed
+    assert all(r["chosen_reward"] > r["rejected_reward"] for r in made)
+    assert json.loads(out.read_text().splitlines()[0])  # JSONL
+
+
+def test_cli_unknown_labeller_is_a_one_line_error(tmp_path, policy, capsys):
+    model, params, tokenizer = policy
+    model_dir = str(tmp_path / "policy")
+    save_pretrained(model, params, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(str(prompts), [{"prompt": "1+1="}])
+    status = cli.main(["pairs", "--model", model_dir, "--prompts", str(prompts), "--reward", "no_such_reward",
+                       "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("jrlhf: error: ") and "no_such_reward" in err and "\n" not in err
