@@ -1,10 +1,11 @@
 """``python -m jrlhf.demo``: the whole pipeline on the shipped addition task, then a table of held-out results.
 
-SFT; a reward model (trained from scratch on the preference pairs) and PPO from the SFT model against it; DPO, GRPO,
-RLOO, REINFORCE++ and PPO with the exact-match reward from the same SFT model. Every stage is a
-``jrlhf train`` run with a shipped config (``jrlhf/configs/*.yaml``); a stage whose run directory already holds a
-finished run is reused, so a second ``make demo`` only prints the table. ``--quick`` runs a few steps of each stage
-(a smoke test of the pipeline, not of the numbers).
+SFT; a reward model (trained from scratch on the preference pairs), a second round of it on the SFT model's own
+samples (``jrlhf pairs``: on-policy pairs labelled by the exact-match checker, mixed with the original pairs) and PPO
+from the SFT model against it; DPO, GRPO, RLOO, REINFORCE++ and PPO with the exact-match reward from the same SFT
+model. Every training stage is a ``jrlhf train`` run with a shipped config (``jrlhf/configs/*.yaml``); a stage whose
+run directory (or, for the pairs, output file) already holds a finished result is reused, so a second ``make demo``
+only prints the table. ``--quick`` runs a few steps of each stage (a smoke test of the pipeline, not of the numbers).
 """
 
 from __future__ import annotations
@@ -21,17 +22,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def stages(out: str, quick: bool):
     """``(name, run directory name, algorithm, overrides)`` of each stage, in order; the config is
-    ``builtin:<run directory name>`` when such a shipped config exists (``ppo_rm``), else ``builtin:<algorithm>``."""
+    ``builtin:<run directory name>`` when such a shipped config exists (``ppo_rm``, ``reward_onpolicy``), else
+    ``builtin:<algorithm>``. The ``pairs`` stage is ``jrlhf pairs`` (its "overrides" are the command's arguments,
+    its "run directory" the output file)."""
     sft_model = os.path.join(out, "sft", "hf_model")
-    rm_model = os.path.join(out, "reward", "hf_model")
+    rm_model = os.path.join(out, "reward_onpolicy", "hf_model")
+    pairs = os.path.join(out, "pairs.jsonl")
     common = ["train.progress_bar=true"]
     if quick:
         common += ["train.steps=2", "train.log_every=1", "train.eval_every=0", "data.max_eval_examples=32",
                    "optim.warmup_steps=0"]
     from_sft = common + [f"train.init_from={sft_model}"]
+    pairs_args = ["--model", sft_model, "--prompts", "builtin:addition/rl_prompts.jsonl", "--reward",
+                  "addition_exact_match", "--max-new-tokens", "8", "--max-prompt-length", "12", "--reference-field",
+                  "answer", "--include", "builtin:addition/preference_train.jsonl", "--out", pairs]
+    if quick:
+        pairs_args += ["--limit", "32", "--num-generations", "4"]
     return [
         ("sft", "sft", "sft", common),
         ("reward model", "reward", "reward", common),
+        ("on-policy pairs", "pairs.jsonl", "pairs", pairs_args),
+        ("reward model (on-policy pairs)", "reward_onpolicy", "reward",
+         common + [f"train.init_from={os.path.join(out, 'reward', 'hf_model')}", f"data.train={pairs}"]),
         ("dpo", "dpo", "dpo", from_sft),
         ("grpo", "grpo", "grpo", from_sft),
         ("rloo", "rloo", "rloo", from_sft),
@@ -83,6 +95,15 @@ def main(argv=None) -> int:
     rows = []
     for name, dirname, algorithm, overrides in stages(args.out, args.quick):
         run_dir = os.path.join(args.out, dirname)
+        if algorithm == "pairs":
+            if not os.path.exists(run_dir):
+                print(f"\n=== {name}: jrlhf pairs {' '.join(overrides)}", flush=True)
+                from jrlhf import cli
+
+                status = cli.main(["pairs", *overrides])
+                if status:
+                    return status
+            continue
         config = f"builtin:{_config_name(dirname, algorithm)}"
         cfg = load_config(config, overrides + [f"train.output_dir={run_dir}"], algorithm=algorithm)
         summary = _finished(run_dir, cfg.train.steps)

@@ -161,16 +161,23 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys, requ
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--quick"]) == 0
     rows = json.load(open(out / "results.json"))
-    assert [r["stage"] for r in rows] == ["sft", "reward model", "dpo", "grpo", "rloo", "reinforce++",
-                                          "ppo (exact-match reward)", "ppo (learned reward model)"]
-    assert 0.0 <= rows[1]["eval"]["accuracy"] <= 1.0
-    for r in rows[3:]:
+    assert [r["stage"] for r in rows] == ["sft", "reward model", "reward model (on-policy pairs)", "dpo", "grpo",
+                                          "rloo", "reinforce++", "ppo (exact-match reward)",
+                                          "ppo (learned reward model)"]
+    assert 0.0 <= rows[1]["eval"]["accuracy"] <= 1.0 and 0.0 <= rows[2]["eval"]["accuracy"] <= 1.0
+    for r in rows[4:]:
         assert 0.0 <= r["eval"]["exact_match"] <= 1.0
     printed = capsys.readouterr().out
     assert "| reward model |" in printed
     # each stage's printed command names the folder it writes, so it can be rerun by hand
     commands = [line for line in printed.splitlines() if line.startswith("=== ")]
-    assert len(commands) == 8 and all(f"--set train.output_dir={out}/" in c for c in commands), commands
+    assert len(commands) == 10 and all(f"--set train.output_dir={out}/" in c for c in commands[:2] + commands[3:])
+    # the second-round reward model starts from the first and reads the on-policy pairs, which hold the originals
+    assert commands[2].startswith("=== on-policy pairs: jrlhf pairs ") and f"--out {out}/pairs.jsonl" in commands[2]
+    pairs = load_records(str(out / "pairs.jsonl"))
+    assert 5000 < len(pairs) and sum("chosen_reward" in r for r in pairs) > 0
+    assert f"train.init_from={out}/reward/hf_model" in commands[3] and f"data.train={out}/pairs.jsonl" in commands[3]
+    assert f"algo.reward_model={out}/reward_onpolicy/hf_model" in commands[-1]
     # the reward model is a score model transformers loads; PPO used it
     require("torch")
     import transformers

@@ -107,11 +107,14 @@ def read_jsonl(path: str, limit: int | None = None) -> JsonlRecords:
 
 
 def write_jsonl(path: str, records) -> None:
-    """Writes ``records`` (dicts) to ``path`` as JSONL, one compact object per line, keys in insertion order."""
+    """Writes ``records`` (dicts) to ``path`` as JSONL, one compact object per line, keys in insertion order. The
+    file appears whole or not at all (written to ``path.tmp``, then renamed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    partial = path + ".tmp"
+    with open(partial, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+    os.replace(partial, path)
 
 
 def _to_python(value):
