@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompts", required=True, help="prompt records: a JSONL path, builtin:NAME, hf:DIR or tfds:NAME")
     pr.add_argument("--reward", required=True,
                     help="the labeller: a registered reward function or module:function (e.g. addition_exact_match)")
-    pr.add_argument("--out", required=True, help="output JSONL of {prompt, chosen, rejected, ...} records")
+    pr.add_argument("--out", default=None,
+                    help="output JSONL of {prompt, chosen, rejected, ...} records (none: only the counts are printed)")
     pr.add_argument("--max-new-tokens", type=int, required=True, help="completion budget per sample")
     pr.add_argument("--num-generations", type=int, default=8, help="samples per prompt (default 8)")
     pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--include", default=None,
                     help="preference records to write first (e.g. the original pairs); the output is shuffled")
     pr.add_argument("--seed", type=int, default=0, help="sampling and shuffling seed (default 0)")
+    pr.add_argument("--reward-model", default=None,
+                    help="a reward-model directory: also print how it ranks the samples against the labeller "
+                         "(pair accuracy within a prompt, best-of-n)")
     return p
 
 
@@ -66,18 +70,31 @@ def _pairs(args) -> int:
     tokenizer = load_tokenizer(args.model)
     model, params = from_pretrained(args.model)
     limits = {"max_prompt_length": args.max_prompt_length} if args.max_prompt_length else None
+    scorer = None
+    if args.reward_model:
+        from jrlhf.evaluation import reward_model_scores
+
+        scorer = reward_model_scores(*from_pretrained(args.reward_model, head="score"), tokenizer,
+                                     batch_size=args.batch_size)
     pairs, stats = sample_preference_pairs(
         model, params, tokenizer, records, args.reward, max_new_tokens=args.max_new_tokens,
         num_generations=args.num_generations, temperature=args.temperature,
         max_pairs_per_prompt=args.max_pairs_per_prompt, min_margin=args.min_margin,
         reference_field=args.reference_field, batch_size=args.batch_size, limits=limits,
-        rng=jax.random.PRNGKey(args.seed))
+        rng=jax.random.PRNGKey(args.seed), scorer=scorer)
     out = mix_records(include, pairs, seed=args.seed) if include else pairs
-    write_jsonl(args.out, out)
+    if args.out:
+        write_jsonl(args.out, out)
     print(f"[pairs] {stats['pairs']} pairs ({stats['reference_pairs']} with the reference chosen) from "
           f"{stats['prompts_with_pairs']} of {stats['prompts']} prompts; {stats['samples']} samples, mean reward "
-          f"{stats['mean_reward']:.4g}; wrote {len(out)} records to {args.out}"
-          + (f" ({len(include)} from {args.include})" if include else ""))
+          f"{stats['mean_reward']:.4g}"
+          + (f"; wrote {len(out)} records to {args.out}" if args.out else "")
+          + (f" ({len(include)} from {args.include})" if include and args.out else ""))
+    if scorer is not None:
+        print(f"[pairs] {args.reward_model} ranks the samples: pair accuracy {stats['scorer/pair_accuracy']:.3f} "
+              f"over {stats['scorer/ranked_pairs']} pairs of one prompt with different rewards; best-of-n reward "
+              f"{stats['scorer/best_of_n']:.3f} (the best sample's: {stats['scorer/oracle_best_of_n']:.3f}, the "
+              f"mean: {stats['scorer/mean_label']:.3f})")
     return 0
 
 

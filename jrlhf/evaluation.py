@@ -135,28 +135,49 @@ def reward_accuracy(model, params, tokenizer, records, reward_fn, *, max_new_tok
     return result
 
 
-def reward_model_scorer(score_model, score_params, tokenizer, *, batch_size: int = 64, name: str = "reward_model",
-                        max_tokens: int | None = None):
-    """A :func:`reward_accuracy` scorer: the mean score a reward model (``head="score"``) gives to
-    ``prompt + completion`` (tokenised as the reward model's training pairs: :func:`tokenize_preference`, EOS
-    appended), logged as ``name``. No labels are read: a held-out proxy signal (e.g. for checkpoint selection).
-    A completion with no text (the policy ended at once: a legitimate sample) has no pair to score; the mean is
-    over the others and ``name + "/scored_frac"`` logs the share scored (``name`` is absent when none was).
+def reward_model_scores(score_model, score_params, tokenizer, *, batch_size: int = 64, max_tokens: int | None = None):
+    """A reward model's (``head="score"``) score of each ``prompt + completion``, tokenised as its training pairs
+    (:func:`tokenize_preference`, EOS appended).
 
     Returns:
-      ``scorer(prompts, completions) -> {name: float, name/scored_frac: float}``.
+      ``scores(prompts, completions) -> float32 [N]``, NaN where the completion has no text (the policy ended at
+      once: a legitimate sample, but no pair to score).
     """
     from jrlhf.algorithms.base import pair_scores
 
     score = jax.jit(lambda params, batch: pair_scores(score_model, params, batch))
 
-    def scorer(prompts, completions):
-        records = [{"prompt": p, "chosen": c, "rejected": c} for p, c in zip(prompts, completions) if c.strip()]
-        result = {f"{name}/scored_frac": len(records) / max(1, len(completions))}
-        if records:
+    def scores(prompts, completions):
+        out = np.full(len(completions), np.nan, np.float32)
+        index = [i for i, c in enumerate(completions) if c.strip()]
+        if index:
+            records = [{"prompt": prompts[i], "chosen": completions[i], "rejected": completions[i]} for i in index]
             chosen, _ = preference_scores(lambda b: score(score_params, b), tokenizer, records,
                                           batch_size=batch_size, max_tokens=max_tokens)
-            result[name] = float(np.mean(chosen))
+            out[index] = chosen
+        return out
+
+    return scores
+
+
+def reward_model_scorer(score_model, score_params, tokenizer, *, batch_size: int = 64, name: str = "reward_model",
+                        max_tokens: int | None = None):
+    """A :func:`reward_accuracy` scorer: the mean score a reward model gives to ``prompt + completion``
+    (:func:`reward_model_scores`), logged as ``name``. No labels are read: a held-out proxy signal (e.g. for
+    checkpoint selection). A completion with no text has no pair to score; the mean is over the others and
+    ``name + "/scored_frac"`` logs the share scored (``name`` is absent when none was).
+
+    Returns:
+      ``scorer(prompts, completions) -> {name: float, name/scored_frac: float}``.
+    """
+    scores = reward_model_scores(score_model, score_params, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+
+    def scorer(prompts, completions):
+        values = scores(prompts, completions)
+        scored = values[np.isfinite(values)]
+        result = {f"{name}/scored_frac": len(scored) / max(1, len(completions))}
+        if len(scored):
+            result[name] = float(np.mean(scored))
         return result
 
     return scorer

@@ -40,11 +40,45 @@ def _pairs_of_prompt(candidates: list, max_pairs: int, min_margin: float) -> lis
     return pairs
 
 
+def ranking_metrics(prompt_index, labels, scores) -> dict:
+    """How well ``scores`` (e.g. a reward model's) rank each prompt's samples by ``labels`` (the labeller's).
+
+    Args:
+      prompt_index: ``[N]`` int, the prompt of each sample.
+      labels, scores: ``[N]`` floats; a sample with a non-finite label or score is left out.
+
+    Returns:
+      ``pair_accuracy``: over every pair of samples of one prompt with different labels, the share the scores order
+      as the labels do (a tie counts 1/2; NaN without such pairs), and ``ranked_pairs``, their number;
+      ``best_of_n``: the mean label of each prompt's top-scored sample (first on a tie), against
+      ``oracle_best_of_n`` (each prompt's best label) and ``mean_label``, over the prompts with a scored sample.
+    """
+    prompt_index, labels, scores = (np.asarray(a) for a in (prompt_index, labels, scores))
+    keep = np.isfinite(labels) & np.isfinite(scores)
+    wins = total = 0.0
+    best, oracle, means = [], [], []
+    for p in np.unique(prompt_index[keep]):
+        own = keep & (prompt_index == p)
+        y, z = labels[own].astype(np.float64), scores[own].astype(np.float64)
+        higher = y[:, None] > y[None, :]
+        wins += float(((z[:, None] > z[None, :]) & higher).sum() + 0.5 * ((z[:, None] == z[None, :]) & higher).sum())
+        total += float(higher.sum())
+        best.append(y[int(np.argmax(z))])
+        oracle.append(y.max())
+        means.append(y)
+    nan = float("nan")
+    return {"pair_accuracy": wins / total if total else nan, "ranked_pairs": int(total),
+            "best_of_n": float(np.mean(best)) if best else nan,
+            "oracle_best_of_n": float(np.mean(oracle)) if oracle else nan,
+            "mean_label": float(np.mean(np.concatenate(means))) if means else nan}
+
+
 def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: Callable | str, *,
                             max_new_tokens: int, num_generations: int = 8, temperature: float = 1.0,
                             max_pairs_per_prompt: int = 2, min_margin: float = 0.0,
                             reference_field: str | None = None, batch_size: int = 256, limits: dict | None = None,
-                            eos_token_id=None, rng: jax.Array | None = None) -> tuple[list[dict], dict]:
+                            eos_token_id=None, rng: jax.Array | None = None,
+                            scorer: Callable | None = None) -> tuple[list[dict], dict]:
     """Samples ``num_generations`` completions per prompt and pairs the labeller's best against its worst.
 
     Per prompt: the distinct non-empty sampled completions (and, with ``reference_field``, the record's reference
@@ -72,6 +106,9 @@ def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: 
       limits: :class:`jrlhf.data.LengthLimits` fields for the prompts (e.g. ``{"max_prompt_length": 12}``).
       eos_token_id: ids that end a completion (default: the tokenizer's and the model config's EOS ids).
       rng: PRNG key (default ``PRNGKey(0)``).
+      scorer: optional ``scores(prompts, completions) -> [N]`` (e.g. a reward model's,
+        :func:`jrlhf.evaluation.reward_model_scores`): how it ranks the samples against the labeller is added to
+        ``stats`` under ``scorer/`` (:func:`ranking_metrics` over every sample, duplicates included).
 
     Returns:
       ``(pairs, stats)``: ``pairs`` are records ``{prompt, chosen, rejected, chosen_reward, rejected_reward, kind}``
@@ -109,11 +146,15 @@ def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: 
         groups.setdefault(record["_pair_prompt"], [])
         if text.strip() and text not in (c[0] for c in groups[record["_pair_prompt"]]):
             groups[record["_pair_prompt"]].append((text, "policy"))
-    sample_rewards = []
+    sample_rewards, ranking = [], {}
     if kept:
         fields = [{k: v for k, v in r.items() if k != "_pair_prompt"} for r in kept]
-        total, _ = combine_rewards([reward_fn], None, [r["prompt"] for r in kept], texts, [None] * len(texts), fields)
+        prompts = [r["prompt"] for r in kept]
+        total, _ = combine_rewards([reward_fn], None, prompts, texts, [None] * len(texts), fields)
         sample_rewards = [float(x) for x in total if np.isfinite(x)]
+        if scorer is not None:
+            ranked = ranking_metrics([r["_pair_prompt"] for r in kept], total, scorer(prompts, texts))
+            ranking = {f"scorer/{k}": v for k, v in ranked.items()}
     # label each prompt's distinct candidates (the reference appended last) in one call
     flat = [(i, text, kind) for i in sorted(groups) for text, kind in groups[i]]
     if reference_field is not None:
@@ -137,7 +178,7 @@ def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: 
     stats = {"prompts": len(records), "samples": len(texts),
              "mean_reward": float(np.mean(sample_rewards)) if sample_rewards else float("nan"),
              "prompts_with_pairs": with_pairs,
-             "pairs": len(pairs), "reference_pairs": sum(p["kind"] == "reference" for p in pairs)}
+             "pairs": len(pairs), "reference_pairs": sum(p["kind"] == "reference" for p in pairs), **ranking}
     return pairs, stats
 
 

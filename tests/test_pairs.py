@@ -3,6 +3,7 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from jrlhf import cli
@@ -11,7 +12,7 @@ from jrlhf.data import load_records, tokenize_preference, write_jsonl
 from jrlhf.data.tokenizer import load_tokenizer
 from jrlhf.models import init_model, tiny_config
 from jrlhf.models.checkpoint import save_pretrained
-from jrlhf.pairs import _pairs_of_prompt, mix_records, sample_preference_pairs
+from jrlhf.pairs import _pairs_of_prompt, mix_records, ranking_metrics, sample_preference_pairs
 
 
 def test_binary_labels_pair_the_one_correct_answer_against_each_wrong_one_lowest_first():
@@ -43,6 +44,20 @@ def test_the_reference_is_chosen_only_when_no_sample_reaches_its_score_and_is_ne
     assert _pairs_of_prompt(wrong, 2, 0.0) == []
     # a reference scored below the samples is not made a rejected answer
     assert _pairs_of_prompt([("21", 1.0, "policy"), ("x", 0.0, "reference")], 2, 0.0) == []
+
+
+def test_ranking_metrics_hand_computed():
+    # prompt 0: labels 1, 0, 0 scored 2, 3, 1 -> pairs (a>b) wrong, (a>c) right; best-of-n picks b (label 0)
+    # prompt 1: labels 1, 1, 0 scored 5, 5, 5 -> two tied pairs (1/2 each); best-of-n picks the first (label 1)
+    # prompt 2: one sample whose score is NaN (empty completion): left out; prompt 3: labels 0, 0: no pair
+    index = [0, 0, 0, 1, 1, 1, 2, 3, 3]
+    labels = [1, 0, 0, 1, 1, 0, 1, 0, 0]
+    scores = [2, 3, 1, 5, 5, 5, float("nan"), 1, 2]
+    m = ranking_metrics(index, labels, scores)
+    assert m["ranked_pairs"] == 4 and m["pair_accuracy"] == (0 + 1 + 0.5 + 0.5) / 4
+    assert m["best_of_n"] == (0 + 1 + 0) / 3 and m["oracle_best_of_n"] == (1 + 1 + 0) / 3
+    assert m["mean_label"] == 3 / 8
+    assert np.isnan(ranking_metrics([0, 0], [1, 1], [0, 1])["pair_accuracy"])
 
 
 def _count_ones(prompts, completions, completion_ids=None, **kwargs):
@@ -80,6 +95,12 @@ def test_sampled_pairs_carry_the_labellers_scores_and_each_prompts_best_against_
         assert [p["rejected_reward"] for p in own] == sorted(p["rejected_reward"] for p in own)
     # the pairs are valid preference records
     assert len(tokenize_preference(pairs, tokenizer, max_length=32).examples) == len(pairs)
+    # a scorer that agrees with the labeller ranks every pair right and picks the best sample
+    _, ranked = sample_preference_pairs(model, params, tokenizer, records, _count_ones, max_new_tokens=4,
+                                        num_generations=6, rng=jax.random.PRNGKey(1),
+                                        scorer=lambda p, c: np.array(_count_ones(p, c), np.float32))
+    assert ranked["scorer/pair_accuracy"] == 1.0 and ranked["scorer/ranked_pairs"] > 0
+    assert ranked["scorer/best_of_n"] == ranked["scorer/oracle_best_of_n"] > ranked["scorer/mean_label"]
 
 
 def test_pair_arguments_are_checked(policy):
@@ -120,6 +141,15 @@ def test_cli_writes_pairs_after_the_included_records(tmp_path, policy, capsys):
     assert f"wrote {len(written)} records" in printed and "(5 from" in printed
     assert all(r["chosen_reward"] > r["rejected_reward"] for r in made)
     assert json.loads(out.read_text().splitlines()[0])  # JSONL
+    # with a reward model and no --out: the ranking is printed, nothing written
+    score_model, score_params = init_model(tiny_config("llama", vocab_size=len(tokenizer)), jax.random.PRNGKey(4),
+                                           head="score")
+    rm_dir = str(tmp_path / "rm")
+    save_pretrained(score_model, score_params, rm_dir)
+    status = cli.main(["pairs", "--model", model_dir, "--prompts", str(prompts), "--reward", "tests.test_pairs:_count_ones",
+                       "--max-new-tokens", "4", "--num-generations", "4", "--reward-model", rm_dir])
+    printed = capsys.readouterr().out
+    assert status == 0 and "wrote" not in printed and f"{rm_dir} ranks the samples: pair accuracy" in printed, printed
 
 
 def test_cli_unknown_labeller_is_a_one_line_error(tmp_path, policy, capsys):
