@@ -241,9 +241,9 @@ def test_block_order_reverses_every_round():
 
 
 @pytest.mark.torch
-def test_workers_in_their_own_processes_interleave_blocks(tmp_path):
-    """A real run of the orchestrator on the 1-layer size: every system in its own worker, blocks interleaved, the
-    report has every system's rate and the ratios; no thread setting is added to the workers' environment."""
+def _run_mini(benchmark: str, systems: tuple, rounds: int, tmp_path):
+    """The orchestrator's ``run_benchmark`` on the 1-layer size (1 warm-up step, ``rounds`` rounds of 1 step):
+    ``(row, log lines)``."""
     from benchmarks import run
 
     class Args:
@@ -253,10 +253,16 @@ def test_workers_in_their_own_processes_interleave_blocks(tmp_path):
     bdata.write_checkpoint(MINI, checkpoint)
     args = Args()
     args.size, args.model_path, args.shrink, args.seed, args.torch_threads, args.cpus = "mini", None, False, 0, None, None
-    args.warmup, args.rounds, args.block, args.worker_timeout = 1, 2, 1, 600
-    args.system_list = ("jrlhf", "trl", "plain")
+    args.warmup, args.rounds, args.block, args.worker_timeout = 1, rounds, 1, 600
+    args.system_list = systems
     log = []
-    row = run.run_benchmark("sft_step", args, MINI, checkpoint, log.append, str(tmp_path))
+    return run.run_benchmark(benchmark, args, MINI, checkpoint, log.append, str(tmp_path)), log
+
+
+def test_workers_in_their_own_processes_interleave_blocks(tmp_path):
+    """A real run of the orchestrator on the 1-layer size: every system in its own worker, blocks interleaved, the
+    report has every system's rate and the ratios; no thread setting is added to the workers' environment."""
+    row, log = _run_mini("sft_step", ("jrlhf", "trl", "plain"), 2, tmp_path)
     assert "error" not in row, "\n".join(log)
     assert set(row["systems"]) == {"jrlhf", "trl", "plain"}
     pids = {record["ready"]["pid"] for record in row["systems"].values()}
@@ -314,18 +320,6 @@ def test_markdown_table_shows_every_system_the_ratios_the_load_and_the_command()
 def test_grpo_whole_step_runs_the_training_loops_collect_in_a_worker(tmp_path):
     """jrlhf's whole GRPO step (the loop's ``collect``: sampling, rollout forward, host reward; then the update) in
     its own worker on the 1-layer size: built, compiled and timed without an error."""
-    from benchmarks import run
-
-    class Args:
-        pass
-
-    checkpoint = str(tmp_path / "ckpt")
-    bdata.write_checkpoint(MINI, checkpoint)
-    args = Args()
-    args.size, args.model_path, args.shrink, args.seed, args.torch_threads, args.cpus = "mini", None, False, 0, None, None
-    args.warmup, args.rounds, args.block, args.worker_timeout = 1, 1, 1, 600
-    args.system_list = ("jrlhf",)
-    log = []
-    row = run.run_benchmark("grpo_whole_step", args, MINI, checkpoint, log.append, str(tmp_path))
+    row, log = _run_mini("grpo_whole_step", ("jrlhf",), 1, tmp_path)
     assert "error" not in row, "\n".join(log)
     assert row["systems"]["jrlhf"]["summary"]["steps"] == 1

@@ -120,11 +120,17 @@ def test_mix_records_keeps_every_record_and_shuffles_by_seed():
     assert mix_records(a, b, seed=0) == mixed and mix_records(a, b, seed=1) != mixed
 
 
-def test_cli_writes_pairs_after_the_included_records(tmp_path, policy, capsys):
+def _saved(policy, tmp_path) -> str:
+    """The policy written as a Hugging Face directory with its tokenizer."""
     model, params, tokenizer = policy
     model_dir = str(tmp_path / "policy")
     save_pretrained(model, params, model_dir)
     tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_cli_writes_pairs_after_the_included_records(tmp_path, policy, capsys):
+    model_dir = _saved(policy, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(str(prompts), [{"prompt": f"{i}+{i}=", "answer": "1"} for i in range(8)])
     original = tmp_path / "original.jsonl"
@@ -142,7 +148,7 @@ def test_cli_writes_pairs_after_the_included_records(tmp_path, policy, capsys):
     assert all(r["chosen_reward"] > r["rejected_reward"] for r in made)
     assert json.loads(out.read_text().splitlines()[0])  # JSONL
     # with a reward model and no --out: the ranking is printed, nothing written
-    score_model, score_params = init_model(tiny_config("llama", vocab_size=len(tokenizer)), jax.random.PRNGKey(4),
+    score_model, score_params = init_model(tiny_config("llama", vocab_size=len(policy[2])), jax.random.PRNGKey(4),
                                            head="score")
     rm_dir = str(tmp_path / "rm")
     save_pretrained(score_model, score_params, rm_dir)
@@ -153,10 +159,7 @@ def test_cli_writes_pairs_after_the_included_records(tmp_path, policy, capsys):
 
 
 def test_cli_unknown_labeller_is_a_one_line_error(tmp_path, policy, capsys):
-    model, params, tokenizer = policy
-    model_dir = str(tmp_path / "policy")
-    save_pretrained(model, params, model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = _saved(policy, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(str(prompts), [{"prompt": "1+1="}])
     status = cli.main(["pairs", "--model", model_dir, "--prompts", str(prompts), "--reward", "no_such_reward",
