@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scan-unroll", type=int, default=None,
                         help="jrlhf's layers per scan iteration (default: the size's, see benchmarks/sizes.py)")
+    parser.add_argument("--remat", default=None,
+                        help="jrlhf's per-layer rematerialisation in the training steps, a ModelConfig.remat value "
+                             "(none, full, dots, dots_no_batch; default: the size's); 'full' bounds activation "
+                             "memory on a real checkpoint at 512 tokens")
     args = parser.parse_args(argv)
     try:
         size = resolve_size(args)
@@ -113,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_size(args):
     """The :class:`BenchSize` of the command line (``--size``, ``--model-path``, ``--scan-unroll``, ``--shrink``)."""
-    size = get_size(args.size, scan_unroll=args.scan_unroll, model_path=args.model_path)
+    size = get_size(args.size, scan_unroll=args.scan_unroll, model_path=args.model_path, remat=args.remat)
     return shrink(size) if args.shrink else size
 
 
@@ -202,7 +206,7 @@ def worker_env() -> dict:
 
 def worker_argv(args, size, checkpoint: str | None, mode: str, system: str) -> list:
     argv = [sys.executable, "-m", "benchmarks.worker", mode, "--system", system, "--size", args.size,
-            "--seed", str(args.seed), "--scan-unroll", str(size.scan_unroll)]
+            "--seed", str(args.seed), "--scan-unroll", str(size.scan_unroll), "--remat", size.remat]
     if args.model_path:
         argv += ["--model-path", args.model_path]
     if args.shrink:

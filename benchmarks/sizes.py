@@ -180,18 +180,20 @@ def real_size(path: str, name: str = "smollm2-135m", batch_size: int = 8, prompt
         scan_unroll=1, model_path=path, benchmarks=LM_BENCHMARKS, logprob_chunk_size=8192)
 
 
-def get_size(name: str, scan_unroll: int | None = None, model_path: str | None = None) -> BenchSize:
-    """The :class:`BenchSize` called ``name`` (with ``scan_unroll`` replaced unless ``None``); with ``model_path``
-    the size of that real checkpoint (:func:`real_size`, named ``name``). An unknown name is an error listing the
-    valid ones."""
+def get_size(name: str, scan_unroll: int | None = None, model_path: str | None = None,
+             remat: str | None = None) -> BenchSize:
+    """The :class:`BenchSize` called ``name`` (with ``scan_unroll`` / ``remat`` replaced unless ``None``); with
+    ``model_path`` the size of that real checkpoint (:func:`real_size`, named ``name``). An unknown name is an error
+    listing the valid ones."""
     if model_path is not None:
         size = real_size(model_path, name=name)
-        return size if scan_unroll is None else size.replace(scan_unroll=scan_unroll)
-    if name not in SIZES:
+    elif name not in SIZES:
         raise ValueError(f"--size {name!r} is not defined; choose one of {', '.join(SIZES)} (or give --model-path "
                          "for a real checkpoint)")
-    size = SIZES[name]
-    return size if scan_unroll is None else size.replace(scan_unroll=scan_unroll)
+    else:
+        size = SIZES[name]
+    size = size if scan_unroll is None else size.replace(scan_unroll=scan_unroll)
+    return size if remat is None else size.replace(remat=remat)
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs

@@ -173,7 +173,7 @@ def scaling(args) -> dict:
 def _size(args):
     from benchmarks.sizes import get_size, shrink
 
-    size = get_size(args.size, scan_unroll=args.scan_unroll, model_path=args.model_path)
+    size = get_size(args.size, scan_unroll=args.scan_unroll, model_path=args.model_path, remat=args.remat)
     return shrink(size) if args.shrink else size
 
 
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cpus", type=int, default=None, help="restrict the process to this many CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scan-unroll", type=int, default=None, help="jrlhf's layers per scan iteration")
+    parser.add_argument("--remat", default=None, help="jrlhf's per-layer rematerialisation (ModelConfig.remat)")
     parser.add_argument("--platform", default=None, help="JAX_PLATFORMS value (e.g. cpu)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

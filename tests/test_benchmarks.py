@@ -111,6 +111,16 @@ def test_scan_unroll_per_size_and_override():
         parse_args(["--scan-unroll", "0"])
 
 
+def test_remat_per_size_and_override_reach_the_worker():
+    from benchmarks.run import parse_args, worker_argv
+
+    assert get_size("tiny").remat == "none" and get_size("qwen2-1.5b").remat == "full"
+    assert get_size("tiny", remat="full").remat == "full" and get_size("tiny", remat="full").scan_unroll == 4
+    args = parse_args(["--size", "tiny", "--remat", "full"])
+    argv = worker_argv(args, get_size("tiny", remat=args.remat), None, "serve", "jrlhf")
+    assert argv[argv.index("--remat") + 1] == "full"
+
+
 def test_tokenizer_round_trips_the_word_text():
     tokenizer = bdata.build_tokenizer(64)
     ids = [5, 63, 4, 17]
