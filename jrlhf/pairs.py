@@ -114,7 +114,8 @@ def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: 
       ``(pairs, stats)``: ``pairs`` are records ``{prompt, chosen, rejected, chosen_reward, rejected_reward, kind}``
       (``kind`` ``"policy"`` or ``"reference"``: where the chosen answer came from) in the prompts' order, plus
       every other field of the prompt record; ``stats`` counts ``prompts``, ``samples``, ``mean_reward`` (of the
-      samples), ``prompts_with_pairs``, ``pairs`` and ``reference_pairs``.
+      samples), ``prompts_with_pairs``, ``pairs`` and ``reference_pairs``. The labeller runs once on every sample
+      and once on the references that no sample equals; a completion sampled twice keeps its first label.
 
     Raises:
       ConfigError: an argument out of range. RewardError: the labeller failed (see :func:`jrlhf.rewards.combine_rewards`).
@@ -141,12 +142,8 @@ def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: 
     texts, kept = generate_completions(model, params, tokenizer, tagged, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, temperature=temperature, rng=rng, limits=limits,
                                        eos_token_id=eos_token_id)
-    groups: dict[int, list] = {}
-    for record, text in zip(kept, texts):
-        groups.setdefault(record["_pair_prompt"], [])
-        if text.strip() and text not in (c[0] for c in groups[record["_pair_prompt"]]):
-            groups[record["_pair_prompt"]].append((text, "policy"))
     sample_rewards, ranking = [], {}
+    candidates: dict[int, list] = {}  # prompt -> [(text, reward, kind)], distinct texts, samples first
     if kept:
         fields = [{k: v for k, v in r.items() if k != "_pair_prompt"} for r in kept]
         prompts = [r["prompt"] for r in kept]
@@ -155,20 +152,20 @@ def sample_preference_pairs(model, params, tokenizer, records: list, reward_fn: 
         if scorer is not None:
             ranked = ranking_metrics([r["_pair_prompt"] for r in kept], total, scorer(prompts, texts))
             ranking = {f"scorer/{k}": v for k, v in ranked.items()}
-    # label each prompt's distinct candidates (the reference appended last) in one call
-    flat = [(i, text, kind) for i in sorted(groups) for text, kind in groups[i]]
-    if reference_field is not None:
-        flat += [(i, str(records[i][reference_field]), "reference") for i in sorted(groups)
-                 if str(records[i][reference_field]) not in (c[0] for c in groups[i])]
-    scores = []
-    if flat:
-        fields = [records[i] for i, _, _ in flat]
-        scores, _ = combine_rewards([reward_fn], None, [r["prompt"] for r in fields], [t for _, t, _ in flat],
-                                    [None] * len(flat), fields)
-    candidates: dict[int, list] = {}
-    for (i, text, kind), score in zip(flat, scores):
-        if np.isfinite(score):
-            candidates.setdefault(i, []).append((text, float(score), kind))
+        for record, text, reward in zip(kept, texts, total):
+            own = candidates.setdefault(record["_pair_prompt"], [])
+            if text.strip() and np.isfinite(reward) and all(text != c[0] for c in own):
+                own.append((text, float(reward), "policy"))
+    if reference_field is not None and candidates:
+        index = [i for i in sorted(candidates)
+                 if all(str(records[i][reference_field]) != c[0] for c in candidates[i])]
+        if index:
+            references = [str(records[i][reference_field]) for i in index]
+            scores, _ = combine_rewards([reward_fn], None, [records[i]["prompt"] for i in index], references,
+                                        [None] * len(index), [records[i] for i in index])
+            for i, text, score in zip(index, references, scores):
+                if np.isfinite(score):
+                    candidates[i].append((text, float(score), "reference"))
     pairs, with_pairs = [], 0
     for i in sorted(candidates):
         extra = {k: v for k, v in records[i].items() if k not in ("chosen", "rejected", "kind")}
