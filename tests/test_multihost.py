@@ -241,7 +241,10 @@ def test_two_processes_match_the_single_process_run(tmp_path):
 def test_a_killed_peer_fails_the_run_instead_of_hanging(tmp_path):
     codes, texts = _run_workers("kill", tmp_path)
     assert codes[1] == -signal.SIGKILL, texts[1][-3000:]
-    assert "worker 0: step 2" in texts[0]  # process 0 was waiting on its peer when it died
+    # process 0 trained with its peer before the peer died: the peer reached step 2 only after both had gathered
+    # step 1's params, which process 0 does after it prints "step 1" (whether process 0 still prints "step 2" before
+    # it notices the dead peer is a race under load)
+    assert "worker 0: step 1" in texts[0], texts[0][-3000:]
     assert codes[0] != 0, texts[0][-3000:]
     assert "done" not in texts[0]
     lowered = texts[0].lower()
