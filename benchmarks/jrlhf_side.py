@@ -247,17 +247,15 @@ def grpo_whole(size: BenchSize, paths: dict, prompts: list, reward_fn: Callable,
     import jax
 
     from jrlhf.algorithms import grpo, onpolicy
+    from jrlhf.config import DataSection, RunConfig
     from jrlhf.data.batching import collate_prompts
     from jrlhf.step import make_onpolicy_update
 
     s = setup(size, paths["lm"], mesh=mesh)
     algo = grpo_config(size)
     tokenizer = bdata.build_tokenizer(size.hf_config["vocab_size"])
-    run_context = types.SimpleNamespace(
-        cfg=types.SimpleNamespace(algo=algo, algorithm="grpo",
-                                  data=types.SimpleNamespace(max_completion_length=size.completion_length),
-                                  train=types.SimpleNamespace(init_from=None), model=types.SimpleNamespace(path=None)),
-        mesh=s.mesh, tokenizer=tokenizer, model=s.model, params=s.params)
+    cfg = RunConfig(algorithm="grpo", data=DataSection(max_completion_length=size.completion_length), algo=algo)
+    run_context = types.SimpleNamespace(cfg=cfg, mesh=s.mesh, tokenizer=tokenizer, model=s.model, params=s.params)
     rewards = onpolicy.RewardSources(funcs=[reward_fn], names=[reward_fn.__name__], weights=np.ones(1, np.float32))
     collect = onpolicy.make_collect(run_context, rewards, onpolicy.Collector())
     update = make_onpolicy_update(grpo.make_loss_fn(s.model, algo), s.optimizer, s.mesh,
