@@ -72,6 +72,32 @@ def _finished(run_dir: str, steps: int) -> dict | None:
     return summary if done and not summary.get("preempted") else None
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_settings(run_dir: str, cfg) -> list:
+    """The settings (``section.key``) in which ``cfg`` differs from the run's saved ``config.yaml`` (a stage's
+    finished run is reused only for the same config). Only settings both hold count (a field added to the config
+    since the run was saved is not a change), and not ``train.progress_bar`` / ``train.output_dir`` (a moved
+    folder)."""
+    import yaml
+
+    from jrlhf.config import to_dict
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        saved = _flat(yaml.safe_load(f) or {})
+    current = _flat(to_dict(cfg))
+    ignored = ("train.progress_bar", "train.output_dir")
+    return sorted(k for k in set(saved) & set(current) if k not in ignored and saved[k] != current[k])
+
+
 def _exported_eval(summary: dict) -> dict:
     """The held-out results of the exported model: the best evaluated step's with ``train.load_best_model_at_end``,
     else the last step's."""
@@ -107,6 +133,14 @@ def main(argv=None) -> int:
         config = f"builtin:{_config_name(dirname, algorithm)}"
         cfg = load_config(config, overrides + [f"train.output_dir={run_dir}"], algorithm=algorithm)
         summary = _finished(run_dir, cfg.train.steps)
+        if summary is not None and os.path.exists(os.path.join(run_dir, "config.yaml")):
+            changed = changed_settings(run_dir, cfg)
+            if changed:  # e.g. a demo folder made before the stage's config changed: its result would be stale
+                print(f"jrlhf demo: error: {run_dir} holds a finished run of another config ({', '.join(changed)} "
+                      "differ); move it away to rerun this stage", file=sys.stderr)
+                from jrlhf.errors import EXIT_USER_ERROR
+
+                return EXIT_USER_ERROR
         start = time.perf_counter()
         if summary is None:
             print(f"\n=== {name}: jrlhf train {algorithm} --config {config} "

@@ -183,3 +183,30 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys, requ
     import transformers
 
     transformers.AutoModelForSequenceClassification.from_pretrained(out / "reward" / "hf_model")
+
+
+def test_demo_refuses_to_reuse_a_finished_stage_of_another_config(tmp_path, capsys):
+    """A finished stage is reused only when its saved config matches the stage's (e.g. a demo folder made before
+    ``ppo_rm`` switched reward models would otherwise report a stale result); new config fields do not count."""
+    import yaml
+
+    from jrlhf import demo
+    from jrlhf.config import to_dict
+
+    out = tmp_path / "demo"
+    name, dirname, algorithm, overrides = demo.stages(str(out), quick=False)[0]
+    run_dir = out / dirname
+    cfg = load_config(f"builtin:{algorithm}", overrides + [f"train.output_dir={run_dir}"], algorithm=algorithm)
+    saved = to_dict(cfg)
+    saved["train"]["seed"] = 7  # trained with another seed
+    del saved["train"]["log_every"]  # and before a field existed: not a difference
+    os.makedirs(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run_dir / "summary.json").write_text(json.dumps({"step": cfg.train.steps, "eval": {"exact_match": 0.5}}))
+    assert demo.main(["--out", str(out)]) == 2  # refused before any training
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jrlhf demo: error: ") and "\n" not in err and "(train.seed differ)" in err, err
+    assert demo.changed_settings(str(run_dir), cfg) == ["train.seed"]
+    saved["train"]["seed"] = cfg.train.seed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert demo.changed_settings(str(run_dir), cfg) == []
