@@ -44,11 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="a pair needs reward(chosen) - reward(rejected) > this (default 0)")
     pr.add_argument("--reference-field", default=None,
                     help="record field with a reference completion, labelled and offered as chosen (e.g. answer)")
-    pr.add_argument("--max-prompt-length", type=int, default=None, help="prompts cut to this many tokens")
+    pr.add_argument("--max-prompt-length", type=int, default=None,
+                    help="prompts cut to this many tokens (default: not cut)")
     pr.add_argument("--limit", type=int, default=None, help="read at most this many prompt records")
     pr.add_argument("--batch-size", type=int, default=256, help="prompts per generation call (default 256)")
     pr.add_argument("--include", default=None,
-                    help="preference records to write first (e.g. the original pairs); the output is shuffled")
+                    help="preference records (e.g. the original pairs) written out with the new pairs, the two "
+                         "shuffled together")
     pr.add_argument("--seed", type=int, default=0, help="sampling and shuffling seed (default 0)")
     pr.add_argument("--reward-model", default=None,
                     help="a reward-model directory: also print how it ranks the samples against the labeller "
@@ -65,6 +67,13 @@ def _pairs(args) -> int:
     from jrlhf.models.checkpoint import from_pretrained
     from jrlhf.pairs import mix_records, sample_preference_pairs
 
+    from jrlhf.config import ConfigError
+
+    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            hint = (f"; did you mean {os.path.join(path, 'hf_model')} (a run's exported model)?"
+                    if os.path.isfile(os.path.join(path, "hf_model", "config.json")) else "")
+            raise ConfigError(f"{flag} '{path}' is not a Hugging Face model folder (no config.json){hint}")
     records = load_records(args.prompts, limit=args.limit, key="--prompts")
     include = load_records(args.include, key="--include") if args.include else []
     tokenizer = load_tokenizer(args.model)
@@ -74,8 +83,12 @@ def _pairs(args) -> int:
     if args.reward_model:
         from jrlhf.evaluation import reward_model_scores
 
-        scorer = reward_model_scores(*from_pretrained(args.reward_model, head="score"), tokenizer,
-                                     batch_size=args.batch_size)
+        try:
+            score_model = from_pretrained(args.reward_model, head="score")
+        except ValueError as error:
+            raise ConfigError(f"--reward-model '{args.reward_model}' is not a reward model (a score-head checkpoint "
+                              f"of `jrlhf train reward`): {error}") from None
+        scorer = reward_model_scores(*score_model, tokenizer, batch_size=args.batch_size)
     pairs, stats = sample_preference_pairs(
         model, params, tokenizer, records, args.reward, max_new_tokens=args.max_new_tokens,
         num_generations=args.num_generations, temperature=args.temperature,
@@ -85,16 +98,21 @@ def _pairs(args) -> int:
     out = mix_records(include, pairs, seed=args.seed) if include else pairs
     if args.out:
         write_jsonl(args.out, out)
-    print(f"[pairs] {stats['pairs']} pairs ({stats['reference_pairs']} with the reference chosen) from "
-          f"{stats['prompts_with_pairs']} of {stats['prompts']} prompts; {stats['samples']} samples, mean reward "
-          f"{stats['mean_reward']:.4g}"
-          + (f"; wrote {len(out)} records to {args.out}" if args.out else "")
-          + (f" ({len(include)} from {args.include})" if include and args.out else ""))
+    sampled = (f"{stats['samples']} samples of {stats['prompts']} prompts, mean reward {stats['mean_reward']:.4g}")
+    if args.out:
+        none = ("" if pairs else "; no prompt's samples were scored differently by the labeller (more "
+                "--num-generations, or --reference-field, give pairs)")
+        print(f"[pairs] {sampled}; {stats['pairs']} pairs ({stats['reference_pairs']} with the reference chosen) "
+              f"from {stats['prompts_with_pairs']} prompts{none}; wrote {len(out)} records to {args.out}"
+              + (f" ({len(include)} from {args.include})" if include else ""))
+    else:
+        print(f"[pairs] {sampled}; no --out: nothing written")
     if scorer is not None:
+        n = args.num_generations
         print(f"[pairs] {args.reward_model} ranks the samples: pair accuracy {stats['scorer/pair_accuracy']:.3f} "
-              f"over {stats['scorer/ranked_pairs']} pairs of one prompt with different rewards; best-of-n reward "
-              f"{stats['scorer/best_of_n']:.3f} (the best sample's: {stats['scorer/oracle_best_of_n']:.3f}, the "
-              f"mean: {stats['scorer/mean_label']:.3f})")
+              f"over {stats['scorer/ranked_pairs']} pairs of one prompt's samples with different rewards; "
+              f"best-of-{n} reward {stats['scorer/best_of_n']:.3f} (the best of the {n} samples: "
+              f"{stats['scorer/oracle_best_of_n']:.3f}, a random one: {stats['scorer/mean_label']:.3f})")
     return 0
 
 

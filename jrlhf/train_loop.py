@@ -154,6 +154,9 @@ def _optimizer_config(cfg: RunConfig, updates_per_step: int = 1) -> OptimizerCon
     """The optimizer settings; ``updates_per_step`` optimizer updates per loop step (an on-policy update's epochs x
     mini-batches) scale the schedule's ``warmup_steps`` and ``total_steps``, which the config counts in loop steps."""
     o = cfg.optim
+    if o.schedule != "constant" and max(cfg.train.steps, 1) <= o.warmup_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={cfg.train.steps} with "
+                          f"optim.schedule={o.schedule!r}: lower optim.warmup_steps (or set optim.schedule=constant)")
     return OptimizerConfig(name=o.name, learning_rate=o.learning_rate, schedule=o.schedule,
                            warmup_steps=o.warmup_steps * updates_per_step,
                            total_steps=max(cfg.train.steps, 1) * updates_per_step,

@@ -1,6 +1,7 @@
 """On-policy preference pairs (jrlhf.pairs, ``jrlhf pairs``): the labeller's best against its worst."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -166,3 +167,24 @@ def test_cli_unknown_labeller_is_a_one_line_error(tmp_path, policy, capsys):
                        "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.startswith("jrlhf: error: ") and "no_such_reward" in err and "\n" not in err
+
+
+def test_cli_model_folders_are_checked_with_one_line_errors(tmp_path, policy, capsys):
+    model_dir = _saved(policy, tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(str(prompts), [{"prompt": "1+1="}])
+    base = ["pairs", "--prompts", str(prompts), "--reward", "tests.test_pairs:_count_ones", "--max-new-tokens", "2"]
+    # a run folder instead of its exported model: the hint names hf_model/
+    os.rename(model_dir, tmp_path / "policy_hf")
+    os.makedirs(tmp_path / "run")
+    os.rename(tmp_path / "policy_hf", tmp_path / "run" / "hf_model")
+    for extra, needles in (
+            (["--model", str(tmp_path / "run")], ["--model", "no config.json", f"{tmp_path / 'run' / 'hf_model'}"]),
+            (["--model", str(tmp_path / "missing")], ["--model", "not a Hugging Face model folder"]),
+            (["--model", str(tmp_path / "run" / "hf_model"), "--reward-model", str(tmp_path / "run" / "hf_model")],
+             ["--reward-model", "is not a reward model", "score"])):
+        status = cli.main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and err.startswith("jrlhf: error: ") and "\n" not in err, err
+        for needle in needles:
+            assert needle in err, (needle, err)

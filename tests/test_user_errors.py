@@ -195,3 +195,10 @@ def test_pickle_with_code_is_refused_in_one_line(tmp_path, capsys, records, hf_d
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": os.getcwd}, str(evil / "pytorch_model.bin"))
     status, out, err = run_cli(capsys, "--config", config_file(tmp_path, data), "--set", f"train.init_from={evil}")
     assert_one_line_error(status, err, str(evil / "pytorch_model.bin"), "was refused", "safetensors")
+
+
+def test_warmup_as_long_as_the_run_names_the_config_keys(tmp_path, capsys):
+    # a short run of a recipe with warmup (e.g. builtin:reward_onpolicy's 20 warm-up steps at train.steps=20)
+    status, out, err = run_cli(capsys, "--set", "train.steps=20", "--set", "optim.warmup_steps=20",
+                               "--set", "optim.schedule=cosine", "--set", f"train.output_dir={tmp_path / 'run'}")
+    assert_one_line_error(status, err, "optim.warmup_steps=20 must be below train.steps=20", "optim.schedule=constant")
